@@ -1,0 +1,8 @@
+"""``flowline dashboards``: placeholder until dashboards land."""
+
+import click
+
+
+@click.group()
+def dashboards() -> None:
+    """Grafana dashboards as code."""

@@ -1,0 +1,314 @@
+"""Durable store-and-forward spool: append-only segment files with a CRC per record.
+
+Guarantees (the contract the collectors, the relay and their tests rely on):
+
+* ``SpoolWriter.append(records)`` returns only after the records are written and fsynced (one
+  ``fsync`` per call: callers group-commit by batching). A record is never half-visible: a torn
+  tail left by ``kill -9`` or power loss fails its length/CRC check, is never handed to a reader,
+  and is cut when the writer reopens the spool (which then starts a fresh segment).
+* One writer process and one reader process per spool folder. The writer holds an exclusive lock.
+  The reader persists its acknowledged position atomically (write, fsync, rename) and deletes a
+  segment only once everything in it is acknowledged, so data survives both processes' crashes.
+* Bounded by size. When full, ``on_full="refuse"`` (the default) raises `SpoolFullError` so the
+  producer can push back loudly; ``"drop_oldest"`` deletes the oldest segment and counts the
+  records it held in ``dropped_records`` (persisted, so the reader can report the loss too).
+
+Record layout: ``<u32 payload length><u32 crc32(length || payload)><payload>``, little-endian.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from flowline.points import Point
+
+_HEADER = struct.Struct("<II")
+_SEGMENT_GLOB = "seg-*.log"
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+
+
+class SpoolError(RuntimeError):
+    """Base class of spool failures."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool reached its size limit and the policy is to refuse new data."""
+
+
+class SpoolLockedError(SpoolError):
+    """Another writer process already owns this spool folder."""
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """A place in the spool: segment number and byte offset inside it."""
+
+    segment: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class SpoolRecord:
+    position: Position  # where the record starts
+    end: Position  # where the next record starts: acknowledge this to consume the record
+    payload: bytes
+
+
+def _segment_path(folder: Path, number: int) -> Path:
+    return folder / f"seg-{number:012d}.log"
+
+
+def _segments(folder: Path) -> list[int]:
+    return sorted(int(p.name[4:16]) for p in folder.glob(_SEGMENT_GLOB))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_record(payload: bytes) -> bytes:
+    if len(payload) > MAX_RECORD_BYTES:
+        raise SpoolError(f"record of {len(payload)} bytes exceeds the {MAX_RECORD_BYTES}-byte limit")
+    length = struct.pack("<I", len(payload))
+    return _HEADER.pack(len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
+
+
+def scan_records(data: bytes, start: int = 0) -> Iterable[tuple[int, int, bytes]]:
+    """Yield (offset, end, payload) for each intact record from ``start``; stop at the first bad one."""
+    offset = start
+    while offset + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, offset)
+        end = offset + _HEADER.size + length
+        if length > MAX_RECORD_BYTES or end > len(data):
+            return
+        payload = data[offset + _HEADER.size : end]
+        if zlib.crc32(payload, zlib.crc32(struct.pack("<I", length))) != crc:
+            return
+        yield offset, end, payload
+        offset = end
+
+
+def encode_points(points: Sequence[Point]) -> bytes:
+    return json.dumps([p.to_wire() for p in points], separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_points(payload: bytes) -> list[Point]:
+    return [Point.from_wire(item) for item in json.loads(payload)]
+
+
+class SpoolWriter:
+    def __init__(
+        self,
+        folder: str | Path,
+        max_bytes: int = 1 << 30,
+        segment_bytes: int = 16 << 20,
+        on_full: Literal["refuse", "drop_oldest"] = "refuse",
+        fsync: bool = True,
+    ) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.on_full = on_full
+        self.fsync = fsync
+        self._lock_fd = os.open(self.folder / "writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self._lock_fd)
+            raise SpoolLockedError(
+                f"spool {self.folder} is already open for writing by another process"
+            ) from exc
+        self.dropped_records = _read_counter(self.folder / "dropped")
+        self._recover_tail()
+        numbers = _segments(self.folder)
+        self._size = sum(_segment_path(self.folder, n).stat().st_size for n in numbers)
+        self._number = (numbers[-1] + 1) if numbers else 0
+        self._file = open(_segment_path(self.folder, self._number), "ab")  # noqa: SIM115 (kept open)
+        if self.fsync:
+            _fsync_dir(self.folder)
+
+    def _recover_tail(self) -> None:
+        """Cut a torn tail of the newest segment, so the reader never waits on it forever."""
+        numbers = _segments(self.folder)
+        if not numbers:
+            return
+        path = _segment_path(self.folder, numbers[-1])
+        data = path.read_bytes()
+        good = 0
+        for _, end, _ in scan_records(data):
+            good = end
+        if good != len(data):
+            with open(path, "r+b") as fh:
+                fh.truncate(good)
+                os.fsync(fh.fileno())
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    def append(self, records: Sequence[bytes]) -> None:
+        """Append and make durable; raises `SpoolFullError` (policy "refuse") when over the limit."""
+        if not records:
+            return
+        blob = b"".join(encode_record(r) for r in records)
+        self._make_room(len(blob))
+        if self._file.tell() > 0 and self._file.tell() + len(blob) > self.segment_bytes:
+            self._roll()
+        self._file.write(blob)
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.fileno())
+        self._size += len(blob)
+
+    def append_points(self, points: Sequence[Point]) -> None:
+        if points:
+            self.append([encode_points(points)])
+
+    def _make_room(self, needed: int) -> None:
+        while self._size + needed > self.max_bytes:
+            if self.on_full == "refuse":
+                raise SpoolFullError(
+                    f"spool {self.folder} is full ({self._size} of {self.max_bytes} bytes); refusing new data"
+                )
+            if not self._drop_oldest():
+                raise SpoolFullError(
+                    f"spool {self.folder}: a single batch of {needed} bytes exceeds max_bytes"
+                )
+
+    def _drop_oldest(self) -> bool:
+        numbers = [n for n in _segments(self.folder) if n != self._number]
+        if not numbers:
+            return False
+        path = _segment_path(self.folder, numbers[0])
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # the reader deleted it meanwhile: that freed the space
+            self._size = sum(_segment_path(self.folder, n).stat().st_size for n in _segments(self.folder))
+            return True
+        self.dropped_records += sum(1 for _ in scan_records(data))
+        _write_counter(self.folder / "dropped", self.dropped_records)
+        path.unlink(missing_ok=True)
+        self._size -= len(data)
+        return True
+
+    def _roll(self) -> None:
+        self._file.close()
+        self._number += 1
+        self._file = open(_segment_path(self.folder, self._number), "ab")  # noqa: SIM115
+        if self.fsync:
+            _fsync_dir(self.folder)
+        # The reader deletes acknowledged segments; refresh the size from disk at each roll.
+        self._size = sum(_segment_path(self.folder, n).stat().st_size for n in _segments(self.folder))
+
+    def close(self) -> None:
+        self._file.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> SpoolWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SpoolReader:
+    """Reads records in order from the acknowledged position; `ack` persists progress and frees disk."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._ack_path = self.folder / "ack.json"
+        self.acked = self._load_ack()
+        self._cache: tuple[int, bytes] | None = None
+
+    def _load_ack(self) -> Position:
+        try:
+            raw = json.loads(self._ack_path.read_text())
+            return Position(int(raw["segment"]), int(raw["offset"]))
+        except FileNotFoundError:
+            numbers = _segments(self.folder)
+            return Position(numbers[0] if numbers else 0, 0)
+
+    def read(
+        self, after: Position | None = None, max_records: int = 1000, max_bytes: int = 8 << 20
+    ) -> list[SpoolRecord]:
+        """Up to ``max_records`` intact records starting at ``after`` (default: the acknowledged position)."""
+        position = after or self.acked
+        out: list[SpoolRecord] = []
+        size = 0
+        numbers = _segments(self.folder)
+        for number in (n for n in numbers if n >= position.segment):
+            offset = position.offset if number == position.segment else 0
+            try:
+                data = _segment_path(self.folder, number).read_bytes()
+            except FileNotFoundError:  # dropped by the writer's drop-oldest policy
+                continue
+            for start, end, payload in scan_records(data, offset):
+                out.append(SpoolRecord(Position(number, start), Position(number, end), payload))
+                size += len(payload)
+                if len(out) >= max_records or size >= max_bytes:
+                    return out
+            if number == numbers[-1]:
+                break
+            # A torn record is only legitimate at the very end of the newest segment; older segments
+            # are complete, so move on.
+        return out
+
+    def ack(self, position: Position) -> None:
+        """Everything before ``position`` is safely delivered: persist it and delete finished segments."""
+        if position <= self.acked:
+            return
+        tmp = self._ack_path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"segment": position.segment, "offset": position.offset}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._ack_path)
+        self.acked = position
+        for number in _segments(self.folder):
+            if number < position.segment:
+                _segment_path(self.folder, number).unlink(missing_ok=True)
+
+    def pending_bytes(self) -> int:
+        """Bytes not yet acknowledged (spool depth)."""
+        total = 0
+        for number in _segments(self.folder):
+            if number < self.acked.segment:
+                continue
+            size = (
+                _segment_path(self.folder, number).stat().st_size
+                if _segment_path(self.folder, number).exists()
+                else 0
+            )
+            total += size - (self.acked.offset if number == self.acked.segment else 0)
+        return max(total, 0)
+
+    @property
+    def dropped_records(self) -> int:
+        return _read_counter(self.folder / "dropped")
+
+
+def _read_counter(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        return 0
+
+
+def _write_counter(path: Path, value: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(value))
+    os.replace(tmp, path)
