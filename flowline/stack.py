@@ -17,12 +17,14 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from flowline.inventory import load_site
 from flowline.pki import CertFiles, CertificateAuthority
 from flowline.services import (
     InfluxDServer,
@@ -33,6 +35,7 @@ from flowline.services import (
     free_port,
     wait_until,
 )
+from flowline.sim.opcua_server import server_certificate
 
 DATABASE = "flowline"
 SENDER_ID = "ot-north-1"
@@ -96,6 +99,8 @@ class LocalStack:
         self.passwords: dict[str, str] = {}
         self.opcua_port = 0
         self.sim_certs: CertFiles | None = None
+        # One fault timeline for backfill and live values: the plant's "now" is fixed at set-up.
+        self.epoch_ns = time.time_ns()
 
     # --- set-up ------------------------------------------------------------------------------------
 
@@ -120,7 +125,8 @@ class LocalStack:
         self.collector_cert = pki.issue(
             "flowline-collector", stem="opcua-collector", uri="urn:flowline:collector", server=False
         )
-        self.sim_certs = pki.issue("flowline-sim", stem="opcua-sim", uri="urn:flowline:sim", client=False)
+        # The simulator finds its server certificate as opcua-server.* in --cert-dir (the CA's folder).
+        self.sim_certs = server_certificate(pki, load_site(self.options.site_file).site)
         self._secret("signing-key", secrets.token_hex(32))
         for name in ("influx-writer", "influx-analytics", "influx-grafana", "mqtt-collector", "mqtt-sim"):
             self._secret(name)
@@ -234,58 +240,28 @@ class LocalStack:
 
     def sim_args(self) -> list[str]:
         assert self.mosquitto is not None and self.sim_certs is not None
+        opts = self.options
+        policy = "basic256sha256" if opts.opcua_security != "None" else "none"
         return [
-            "sim",
-            "run",
-            "--site",
-            str(self.options.site_file),
-            "--seed",
-            str(self.options.seed),
-            "--opcua-port",
-            str(self.opcua_port),
-            "--opcua-security",
-            "basic256sha256" if self.options.opcua_security != "None" else "none",
-            "--opcua-cert",
-            str(self.sim_certs.der),
-            "--opcua-key",
-            str(self.sim_certs.key),
-            "--opcua-trust",
-            str(self.collector_cert.der),
-            "--mqtt-host",
-            "127.0.0.1",
-            "--mqtt-port",
-            str(self.mosquitto.tls_port),
-            "--mqtt-tls-ca",
-            str(self.ca.files.cert),
-            "--mqtt-user",
-            "sim",
-            "--mqtt-password-file",
-            str(self.secrets_dir / "mqtt-sim"),
+            *("sim", "run", "--site", str(opts.site_file), "--seed", str(opts.seed), "--epoch", str(self.epoch_ns)),
+            *("--opcua-port", str(self.opcua_port), "--opcua-security", policy),
+            *("--cert-dir", str(self.sim_certs.cert.parent)),
+            *("--mqtt-host", "127.0.0.1", "--mqtt-port", str(self.mosquitto.tls_port)),
+            *("--mqtt-tls-ca", str(self.ca.files.cert), "--mqtt-user", "sim"),
+            *("--mqtt-password-file", str(self.secrets_dir / "mqtt-sim")),
         ]
 
     def backfill(self) -> None:
         """Write history through the pipeline: into an OT spool that the sender forwards."""
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flowline",
-                "sim",
-                "backfill",
-                "--site",
-                str(self.options.site_file),
-                "--seed",
-                str(self.options.seed),
-                "--spool",
-                str(self.data_dir / "spool" / "backfill"),
-                "--days",
-                str(self.options.backfill_days),
-                "--step",
-                str(self.options.backfill_step_s),
-            ],
-            check=True,
-            env=self.env(),
-        )
+        opts = self.options
+        command = [
+            *(sys.executable, "-m", "flowline", "sim", "backfill", "--site", str(opts.site_file)),
+            *("--seed", str(opts.seed), "--epoch", str(self.epoch_ns), "--end", str(self.epoch_ns)),
+            *("--spool", str(self.data_dir / "spool" / "backfill")),
+            *("--days", str(opts.backfill_days), "--step", str(opts.backfill_step_s)),
+        ]
+        with open(self.logs_dir / "backfill.log", "ab") as log:
+            subprocess.run(command, check=True, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
 
     def env(self) -> dict[str, str]:
         return {**os.environ, **self.options.extra_env}

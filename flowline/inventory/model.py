@@ -117,6 +117,8 @@ class Tag(_Strict):
     source: Source
     alarm: Alarm | None = None
     forecast: bool = False
+    # Normal operating value (datasheet design point): what a healthy signal hovers around.
+    normal: float | None = None
 
 
 class Asset(_Strict):

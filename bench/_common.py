@@ -1,0 +1,40 @@
+"""Helpers shared by every benchmark: where results go and how a machine is described."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    """E.g. ``"host 2 cores 24 GiB"``: enough to tell figures from different machines apart."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        mem = f" {round(pages / (1 << 30))} GiB"
+    except (ValueError, OSError):
+        mem = ""
+    return f"{platform.node()} {os.cpu_count()} cores{mem}"
+
+
+def write_results(name: str, figures: dict[str, float | int | str]) -> Path:
+    """Write ``bench/results/<name>.json``: the figures plus ``date`` and ``machine``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {**figures, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine()}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def repo_on_path() -> Path:
+    """Let a benchmark run as ``python bench/x.py`` import the repo's test rigs (``tests.*``)."""
+    import sys
+
+    root = RESULTS.parent.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
