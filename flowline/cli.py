@@ -32,11 +32,12 @@ def _register() -> None:
     from flowline.collectors.cli import collect
     from flowline.dashboards.cli import dashboards
     from flowline.demo import demo
+    from flowline.historian.cli import historian
     from flowline.inventory.cli import assets
     from flowline.relay.cli import relay
     from flowline.sim.cli import sim
 
-    for command in (analyze, assets, collect, dashboards, demo, detect, relay, sim):
+    for command in (analyze, assets, collect, dashboards, demo, detect, historian, relay, sim):
         main.add_command(command)
 
 

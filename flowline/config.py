@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flowline.analytics.rules import AssessmentRules
 from flowline.inventory import Site, load_site
 from flowline.secrets import SecretRef
 
@@ -80,6 +81,7 @@ class OpcUaCollectorConfig(_Section):
     reconnect_max_s: float = Field(default=30, gt=0)
     timestamp: Literal["source", "server", "collector"] = "source"
     arrays: Literal["flatten", "reject"] = "flatten"
+    timestamp_window_s: float = Field(default=7 * 86400, gt=0)
     history_backfill: bool = True
     batch_max_points: int = Field(default=5000, gt=0)
     batch_max_latency_ms: float = Field(default=100, gt=0)
@@ -128,6 +130,15 @@ class RelayOtConfig(_Section):
     batch_max_latency_ms: float = Field(default=200, gt=0)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30, gt=0)
+    ack_timeout_s: float = Field(default=30, gt=0)
+    # Diode mode (``flowline relay diode-send``): UDP only, nothing is ever read from the network.
+    diode_host: str | None = None
+    diode_port: int | None = None
+    diode_rate_bytes_s: float = Field(default=20e6, gt=0)  # pacing: stay under the link and receiver
+    diode_datagram_bytes: int = Field(default=1200, ge=256, le=65000)
+    diode_data_shares: int = Field(default=10, ge=1, le=128)  # k: shares needed to rebuild a block
+    diode_total_shares: int = Field(default=16, ge=1, le=256)  # m: shares sent per block (m - k spare)
+    diode_heartbeat_s: float = Field(default=1.0, gt=0)
 
 
 class RelayDmzConfig(_Section):
@@ -136,6 +147,14 @@ class RelayDmzConfig(_Section):
     tls: TlsServerConfig
     sender_keys: dict[str, SecretRef]  # sender id -> its signing key
     spool: SpoolConfig = SpoolConfig()
+    max_frame_bytes: int = Field(default=64 << 20, gt=0)
+    max_body_bytes: int = Field(default=256 << 20, gt=0)  # after decompression
+    handshake_timeout_s: float = Field(default=10, gt=0)
+    idle_timeout_s: float = Field(default=300, gt=0)
+    # Diode mode (``flowline relay diode-receive``)
+    diode_listen_host: str = "0.0.0.0"
+    diode_listen_port: int = 7444
+    diode_gap_timeout_s: float = Field(default=5, gt=0)  # a block still incomplete after this is lost
 
 
 class HistorianConfig(_Section):
@@ -153,9 +172,21 @@ class HistorianConfig(_Section):
     gzip: bool = True
     timeout_s: float = Field(default=30, gt=0)
     dead_letter_max_bytes: int = Field(default=64 << 20, gt=0)
+    dead_letter_file: Path | None = None  # default: chosen by the process (e.g. under data_dir)
+    precision: Literal["s", "ms", "ns"] = "ns"  # never "us": InfluxDB 1.6 reads it as ns
+    retry_deadline_s: float = Field(default=60, gt=0)  # then the caller keeps the data spooled
+    # Retention per tier (InfluxQL durations or "INF"); see flowline/historian/setup.py and rollups.py.
+    raw_retention: str = "90d"
+    rollup_1m_retention: str = "400d"
+    rollup_1h_retention: str = "INF"
+    rollup_lag_s: float = Field(default=120, ge=0)  # roll up a window only this long after it ended
+    analytics_database: str | None = None  # where analytics writes; None = the same database
 
 
 class AnalyticsConfig(_Section):
+    """``step``: server-side aggregation of the history read; ``rules``: see `flowline.analytics.rules`
+    (``horizon_hours`` here overrides ``rules.horizon_hours``)."""
+
     step: str = "10m"
     history: str = "14d"
     horizon_hours: float = Field(default=168, gt=0)
@@ -163,6 +194,10 @@ class AnalyticsConfig(_Section):
     workers: int | None = None
     dask_scheduler: str | None = None
     historian: HistorianConfig | None = None  # read credentials; defaults to the main historian section
+    rules: AssessmentRules = AssessmentRules()
+
+    def assessment_rules(self) -> AssessmentRules:
+        return self.rules.model_copy(update={"horizon_hours": self.horizon_hours})
 
 
 class FlowlineConfig(_Section):
