@@ -1,0 +1,287 @@
+"""A stand-in Grafana HTTP API on a free loopback port, strict about every request it gets.
+
+Each request is checked against Grafana's published Swagger description
+(``../shared/schemas/grafana-http-api.swagger.json``): the path and method must exist, query
+parameters must be declared, and the JSON body must validate against the operation's schema AND
+contain no key the schema does not define (the published schemas allow unknown keys; Grafana
+silently ignores them, which hides client bugs). Saved dashboards are also validated against the
+dashboard JSON schema. Folders, datasources, dashboards and annotations are kept in memory so a
+second provisioning run can be shown to update in place instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jsonschema
+
+JSON = dict[str, Any]
+
+
+class RequestRejected(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: str
+    pattern: re.Pattern[str]
+    operation: JSON
+
+
+class SwaggerContract:
+    """Path matching and request validation from a Swagger 2.0 document."""
+
+    def __init__(self, swagger_path: Path, dashboard_schema_path: Path) -> None:
+        self.doc: JSON = json.loads(swagger_path.read_text(encoding="utf-8"))
+        self.base = self.doc.get("basePath", "")
+        routes = []
+        for template, ops in self.doc["paths"].items():
+            regex = re.sub(r"\{[^}]+\}", "[^/]+", template)
+            for method, op in ops.items():
+                if method != "parameters":
+                    routes.append(Route(method.upper(), template, re.compile(f"^{regex}$"), op))
+        # Literal segments win over placeholders (/datasources/uid/x before /datasources/{id}/...).
+        self.routes = sorted(routes, key=lambda r: r.template.count("{"))
+        self.dashboard_validator = jsonschema.Draft7Validator(
+            json.loads(dashboard_schema_path.read_text(encoding="utf-8"))
+        )
+
+    def route(self, method: str, path: str) -> Route:
+        if not path.startswith(self.base + "/"):
+            raise RequestRejected(404, f"{path} is outside the API base path {self.base}")
+        rel = path[len(self.base) :]
+        matching = [r for r in self.routes if r.pattern.match(rel)]
+        if not matching:
+            raise RequestRejected(404, f"no API path matches {rel}")
+        for r in matching:
+            if r.method == method:
+                return r
+        raise RequestRejected(405, f"{method} is not defined for {matching[0].template}")
+
+    def _resolve(self, schema: JSON) -> JSON:
+        while "$ref" in schema:
+            schema = self.doc["definitions"][schema["$ref"].removeprefix("#/definitions/")]
+        return schema
+
+    def unknown_keys(self, schema: JSON, value: Any, where: str = "body") -> list[str]:
+        schema = self._resolve(schema)
+        out: list[str] = []
+        if isinstance(value, dict) and "properties" in schema:
+            props = schema["properties"]
+            for key, item in value.items():
+                if key not in props:
+                    if schema.get("additionalProperties") in (None, False):
+                        out.append(f"{where}.{key}")
+                    continue
+                out += self.unknown_keys(props[key], item, f"{where}.{key}")
+        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+            for i, item in enumerate(value):
+                out += self.unknown_keys(schema["items"], item, f"{where}[{i}]")
+        return out
+
+    def check(self, route: Route, query: dict[str, list[str]], body: Any) -> None:
+        params = route.operation.get("parameters", [])
+        declared_query = {p["name"] for p in params if p["in"] == "query"}
+        extra = sorted(set(query) - declared_query)
+        if extra:
+            raise RequestRejected(400, f"{route.template}: undeclared query parameters {extra}")
+        body_params = [p for p in params if p["in"] == "body"]
+        if not body_params:
+            if body not in (None, {}, b""):
+                raise RequestRejected(400, f"{route.method} {route.template} takes no body")
+            return
+        schema = body_params[0].get("schema", {})
+        if body is None and body_params[0].get("required"):
+            raise RequestRejected(400, f"{route.method} {route.template} needs a JSON body")
+        # Swagger 2.0 schemas are JSON Schema draft 4; their $refs point into the document's definitions.
+        wrapped = {**schema, "definitions": self.doc["definitions"]} if "$ref" in schema else schema
+        validator = jsonschema.Draft4Validator(wrapped)
+        errors = sorted(validator.iter_errors(body), key=lambda e: list(e.path))
+        if errors:
+            raise RequestRejected(400, f"{route.template}: {errors[0].message} at {list(errors[0].path)}")
+        unknown = self.unknown_keys(schema, body)
+        if unknown:
+            raise RequestRejected(400, f"{route.template}: keys the API does not define: {unknown}")
+
+
+@dataclass
+class GrafanaState:
+    folders: dict[str, JSON] = field(default_factory=dict)
+    datasources: dict[str, JSON] = field(default_factory=dict)
+    dashboards: dict[str, JSON] = field(default_factory=dict)  # uid -> {"dashboard", "folderUid", "version"}
+    annotations: list[JSON] = field(default_factory=list)
+
+
+class GrafanaStub:
+    def __init__(self, contract: SwaggerContract, token: str) -> None:
+        self.contract = contract
+        self.token = token
+        self.state = GrafanaState()
+        self.requests: list[tuple[str, str]] = []  # (method, path template)
+        self.rejected: list[str] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> GrafanaStub:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # --- request handling -----------------------------------------------------------------------
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def _any(self) -> None:
+                status, payload = stub.handle(self.command, self.path, dict(self.headers), self._body())
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
+
+        return Handler
+
+    def handle(self, method: str, raw_path: str, headers: dict[str, str], raw_body: bytes) -> tuple[int, Any]:
+        parts = urlsplit(raw_path)
+        try:
+            if headers.get("Authorization") != f"Bearer {self.token}":
+                raise RequestRejected(401, "missing or wrong service-account token")
+            body = json.loads(raw_body) if raw_body else None
+            route = self.contract.route(method, parts.path)
+            self.contract.check(route, parse_qs(parts.query), body)
+            with self._lock:
+                self.requests.append((method, route.template))
+                return self._apply(route, parts.path.split("/")[-1], body, parse_qs(parts.query))
+        except RequestRejected as exc:
+            self.rejected.append(f"{method} {parts.path}: {exc.message}")
+            return exc.status, {"message": exc.message}
+        except json.JSONDecodeError as exc:
+            self.rejected.append(f"{method} {parts.path}: body is not JSON ({exc})")
+            return 400, {"message": "bad JSON"}
+
+    def _apply(self, route: Route, last: str, body: Any, query: dict[str, list[str]]) -> tuple[int, Any]:
+        s = self.state
+        key = (route.method, route.template)
+        if key == ("GET", "/folders/{folder_uid}"):
+            return (200, s.folders[last]) if last in s.folders else (404, {"message": "folder not found"})
+        if key == ("POST", "/folders"):
+            uid = body.get("uid") or f"f{next(self._ids)}"
+            if uid in s.folders:
+                return 409, {"message": "a folder with the same uid already exists"}
+            s.folders[uid] = {"id": next(self._ids), "uid": uid, "title": body["title"], "version": 1}
+            return 200, s.folders[uid]
+        if key == ("PUT", "/folders/{folder_uid}"):
+            folder = s.folders.get(last)
+            if folder is None:
+                return 404, {"message": "folder not found"}
+            folder.update(title=body.get("title", folder["title"]), version=folder["version"] + 1)
+            return 200, folder
+        if key == ("GET", "/datasources/uid/{uid}"):
+            if last not in s.datasources:
+                return 404, {"message": "Data source not found"}
+            stored = dict(s.datasources[last])
+            secure = stored.pop("secureJsonData", {})
+            return 200, {**stored, "secureJsonFields": {k: True for k in secure}}
+        if key == ("POST", "/datasources"):
+            if any(d["name"] == body["name"] for d in s.datasources.values()):
+                return 409, {"message": "data source with the same name already exists"}
+            uid = body.get("uid") or f"ds{next(self._ids)}"
+            s.datasources[uid] = {**body, "uid": uid, "id": next(self._ids), "version": 1}
+            return 200, {
+                "datasource": s.datasources[uid],
+                "id": s.datasources[uid]["id"],
+                "message": "Datasource added",
+            }
+        if key == ("PUT", "/datasources/uid/{uid}"):
+            old = s.datasources.get(last)
+            if old is None:
+                return 404, {"message": "Data source not found"}
+            s.datasources[last] = {**body, "uid": last, "id": old["id"], "version": old["version"] + 1}
+            return 200, {"datasource": s.datasources[last], "id": old["id"], "message": "Datasource updated"}
+        if key == ("GET", "/dashboards/uid/{uid}"):
+            if last not in s.dashboards:
+                return 404, {"message": "Dashboard not found"}
+            entry = s.dashboards[last]
+            return 200, {
+                "dashboard": {**entry["dashboard"], "id": entry["id"], "version": entry["version"]},
+                "meta": {"folderUid": entry["folderUid"], "version": entry["version"]},
+            }
+        if key == ("POST", "/dashboards/db"):
+            return self._save_dashboard(body)
+        if key == ("GET", "/annotations"):
+            return 200, self._find_annotations(query)
+        if key == ("POST", "/annotations"):
+            s.annotations.append({**body, "id": next(self._ids)})
+            return 200, {"id": s.annotations[-1]["id"], "message": "Annotation added"}
+        if key == ("GET", "/search"):
+            return 200, [
+                {"uid": uid, "title": e["dashboard"]["title"], "type": "dash-db"} for uid, e in s.dashboards.items()
+            ]
+        return 501, {"message": f"the stub does not implement {route.method} {route.template}"}
+
+    def _find_annotations(self, query: dict[str, list[str]]) -> list[JSON]:
+        """Grafana's filter: every requested tag present, time within [from, to], same dashboard."""
+        start = int(query.get("from", ["0"])[0])
+        end = int(query.get("to", [str(2**62)])[0])
+        tags = set(query.get("tags", []))
+        dashboard = query.get("dashboardUID", [None])[0]
+        found = [
+            a
+            for a in self.state.annotations
+            if start <= a.get("time", 0) <= end
+            and tags <= set(a.get("tags", []))
+            and (dashboard is None or a.get("dashboardUID") == dashboard)
+        ]
+        return found[: int(query.get("limit", ["100"])[0])]
+
+    def _save_dashboard(self, body: JSON) -> tuple[int, Any]:
+        dashboard = body["dashboard"]
+        errors = list(self.contract.dashboard_validator.iter_errors(dashboard))
+        if errors:
+            raise RequestRejected(400, f"dashboard does not match the dashboard schema: {errors[0].message[:200]}")
+        folder = body.get("folderUid", "")
+        if folder and folder not in self.state.folders:
+            return 400, {"message": "folder not found"}
+        uid = dashboard["uid"]
+        existing = self.state.dashboards.get(uid)
+        if existing is not None and not body.get("overwrite"):
+            return 412, {"message": "The dashboard has been changed by someone else", "status": "version-mismatch"}
+        entry_id = existing["id"] if existing else next(self._ids)
+        version = existing["version"] + 1 if existing else 1
+        stored = {k: v for k, v in dashboard.items() if k not in ("id", "version")}
+        self.state.dashboards[uid] = {"dashboard": stored, "folderUid": folder, "id": entry_id, "version": version}
+        return 200, {"id": entry_id, "uid": uid, "url": f"/d/{uid}", "status": "success", "version": version}

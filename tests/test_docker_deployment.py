@@ -1,0 +1,208 @@
+"""The docker deployment: compose schema, zone segmentation, secrets hygiene, image hardening.
+
+Docker does not run here, so the compose file is validated against the Compose specification's
+JSON schema and the segmentation rules are asserted on the parsed file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from flowline.config import load_config
+from tests.conftest import REPO, SHARED
+
+DOCKER = REPO / "docker"
+COMPOSE_SCHEMA = SHARED / "schemas" / "compose-spec.json"
+OT_SERVICES = {"mosquitto", "collector-opcua", "collector-mqtt", "sim"}
+# Which config sections each Flowline service reads (its secrets must be mounted into it).
+SECTIONS = {
+    "collector-opcua": ("collectors", "opcua"),
+    "collector-mqtt": ("collectors", "mqtt"),
+    "ot-sender": ("relay_ot",),
+    "dmz-gateway": ("relay_dmz",),
+    "writer": ("historian",),
+    "rollup": ("historian",),
+    "analytics": ("analytics",),
+}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DOCKER / "compose.yaml").read_text(encoding="utf-8"))
+    return doc
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = compose["services"]
+    return result
+
+
+def _networks(service: dict[str, Any]) -> set[str]:
+    networks = service.get("networks", [])
+    return set(networks) if isinstance(networks, list) else set(networks.keys())
+
+
+def _secrets(service: dict[str, Any]) -> set[str]:
+    """Declared secret names a service uses."""
+    return {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
+
+
+def _mounted(service: dict[str, Any]) -> set[str]:
+    """File names under /run/secrets inside the service (``target`` renames a secret)."""
+    return {s if isinstance(s, str) else s.get("target", s["source"]) for s in service.get("secrets", [])}
+
+
+def test_compose_validates_against_the_compose_spec(compose: dict[str, Any]) -> None:
+    if not COMPOSE_SCHEMA.exists():
+        pytest.fail(f"Compose schema missing: expected {COMPOSE_SCHEMA} (../shared/schemas relative to the repo)")
+    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8")))
+    errors = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in validator.iter_errors(compose)]
+    assert errors == []
+
+
+def test_zone_networks(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    assert compose["networks"]["ot"]["internal"] is True
+    members = {name: _networks(s) for name, s in services.items()}
+    assert [n for n, nets in members.items() if {"ot", "dmz"} <= nets] == ["ot-sender"]
+    assert [n for n, nets in members.items() if {"dmz", "it"} <= nets] == ["dmz-gateway"]
+    assert members["ot-sender"] == {"ot", "dmz"} and members["dmz-gateway"] == {"dmz", "it"}
+    assert not any({"ot", "it"} <= nets for nets in members.values())
+    for name in OT_SERVICES:
+        assert members[name] == {"ot"}, name
+    for name in ("writer", "rollup", "analytics", "influxdb", "grafana"):
+        assert members[name] == {"it"}, name
+    assert set(compose["networks"]) == {"ot", "dmz", "it"}
+
+
+def test_no_ot_or_dmz_service_publishes_a_port(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        if _networks(service) & {"ot", "dmz"}:
+            assert "ports" not in service and "network_mode" not in service, name
+    assert [n for n, s in services.items() if "ports" in s] == ["grafana"]
+
+
+def test_simulator_only_in_the_demo_profile(services: dict[str, dict[str, Any]]) -> None:
+    assert services["sim"]["profiles"] == ["demo"]
+    assert [n for n, s in services.items() if "profiles" in s] == ["sim"]
+
+
+def test_every_config_and_secret_file_exists_or_has_an_example(compose: dict[str, Any]) -> None:
+    for kind in ("configs", "secrets"):
+        for name, entry in compose[kind].items():
+            raw = entry["file"]
+            default = re.fullmatch(r"\$\{\w+:-(.+)\}", raw)
+            path = (DOCKER / (default.group(1) if default else raw)).resolve()
+            if kind == "secrets":
+                assert not path.exists(), f"real secret file {path} must not be in the repository"
+                assert path.with_name(path.name + ".example").exists(), f"{name}: no {path.name}.example"
+            else:
+                assert path.exists(), f"config {name}: {path} missing"
+    for service_name, service in compose["services"].items():
+        for ref in _secrets(service):
+            assert ref in compose["secrets"], f"{service_name} uses undeclared secret {ref}"
+        for ref in service.get("configs", []):
+            assert ref["source"] in compose["configs"], f"{service_name} uses undeclared config {ref}"
+
+
+def _secret_paths(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set().union(*(_secret_paths(v) for v in node.values())) if node else set()
+    if isinstance(node, list):
+        return set().union(*(_secret_paths(v) for v in node)) if node else set()
+    return {node} if isinstance(node, str) and node.startswith("/run/secrets/") else set()
+
+
+def test_config_template_loads_and_each_service_gets_exactly_its_secrets(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    config = load_config(DOCKER / "flowline.yaml")  # validates every section and SecretRef
+    assert config.relay_ot is not None and config.relay_ot.gateway_host == "dmz-gateway"
+    raw = yaml.safe_load((DOCKER / "flowline.yaml").read_text(encoding="utf-8"))
+    for service, path in SECTIONS.items():
+        section = raw
+        for key in path:
+            section = section[key]
+        needed = {p.removeprefix("/run/secrets/") for p in _secret_paths(section)}
+        assert needed, f"{service}: section {'.'.join(path)} references no secret files"
+        assert needed <= _mounted(services[service]), f"{service} lacks {needed - _mounted(services[service])}"
+    # Writer and rollup read the same section but hold different tokens (write-only vs read+write).
+    assert _mounted(services["writer"]) == _mounted(services["rollup"]) == {"influxdb_historian_token"}
+    assert _secrets(services["writer"]) != _secrets(services["rollup"])
+    # Least privilege: the OT side never holds IT credentials and vice versa.
+    it_secrets = {s for n in ("writer", "rollup", "analytics", "influxdb", "grafana") for s in _secrets(services[n])}
+    ot_secrets = {s for n in OT_SERVICES | {"ot-sender"} for s in _secrets(services[n])}
+    assert not any("influx" in s or "grafana" in s for s in ot_secrets)
+    assert not any(s.startswith(("opcua", "mqtt", "mosquitto")) for s in it_secrets)
+
+
+SECRET_PATTERNS = [
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"-----BEGIN CERTIFICATE-----\s*\n[A-Za-z0-9+/]{40,}"),
+    re.compile(r"(?i)(password|token|secret)\s*[:=]\s*['\"]?[A-Za-z0-9_\-]{12,}"),
+]
+
+
+def test_no_secret_values_in_the_deployment_files(compose: dict[str, Any]) -> None:
+    for path in sorted(p for p in DOCKER.rglob("*") if p.is_file()):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for pattern in SECRET_PATTERNS:
+            assert not pattern.search(text), (
+                f"{path.relative_to(REPO)} looks like it holds a secret ({pattern.pattern})"
+            )
+    for name, service in compose["services"].items():
+        env = service.get("environment", {})
+        for key, value in env.items() if isinstance(env, dict) else (e.split("=", 1) for e in env):
+            names_a_file = key.endswith("_FILE") or str(value).startswith("/run/secrets/")
+            if re.search(r"PASSWORD|TOKEN|SECRET|KEY$", key) and not names_a_file:
+                pytest.fail(f"{name}: {key}={value!r} puts a secret in the environment; use a *_FILE secret")
+    ignore = (DOCKER / "secrets" / ".gitignore").read_text()
+    assert "*" in ignore.split() and "!*.example" in ignore.split()
+
+
+def test_dockerfile_is_multistage_pinned_non_root_with_healthcheck() -> None:
+    text = (DOCKER / "Dockerfile").read_text(encoding="utf-8")
+    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    assert len(bases) >= 2, "multi-stage build expected"
+    for base in bases:
+        _, _, tag = base.partition(":")
+        assert tag and tag != "latest" and re.match(r"\d+\.\d+\.\d+", tag), f"base {base} not pinned by version"
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must run as a non-root user"
+    assert re.search(r"^HEALTHCHECK\s", text, flags=re.M)
+    assert re.search(r"COPY --from=build", text)
+    healthcheck = DOCKER / "healthcheck.py"
+    assert healthcheck.exists() and "healthcheck.py" in text
+
+
+def test_grafana_is_provisioned_from_the_packaged_files(
+    services: dict[str, dict[str, Any]], compose: dict[str, Any]
+) -> None:
+    grafana = services["grafana"]
+    targets = {c["target"] for c in grafana["configs"]}
+    assert "/etc/grafana/provisioning/datasources/flowline.yaml" in targets
+    assert "/etc/grafana/provisioning/dashboards/flowline.yaml" in targets
+    provider = yaml.safe_load((DOCKER / compose["configs"]["grafana_dashboard_provider"]["file"]).read_text())
+    path = provider["providers"][0]["options"]["path"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"] if v.startswith("../")}
+    assert (DOCKER / mounts[path]).resolve() == (REPO / "flowline" / "dashboards" / "json").resolve()
+    assert grafana["environment"]["GF_SERVER_PROTOCOL"] == "https"
+
+
+def test_influxdb_is_a_current_release_with_init_settings(services: dict[str, dict[str, Any]]) -> None:
+    influx = services["influxdb"]
+    version = influx["image"].split(":")[1]
+    assert tuple(int(p) for p in version.split(".")[:2]) >= (2, 7)
+    env = influx["environment"]
+    assert env["DOCKER_INFLUXDB_INIT_MODE"] == "setup"
+    assert {"DOCKER_INFLUXDB_INIT_PASSWORD_FILE", "DOCKER_INFLUXDB_INIT_ADMIN_TOKEN_FILE"} <= set(env)
+    init = Path(DOCKER / "influxdb" / "init-dbrp.sh").read_text()
+    assert "v1 dbrp create" in init and "for policy in raw rollup_1m rollup_1h" in init
+    assert env["DOCKER_INFLUXDB_INIT_BUCKET"] == "flowline/raw"
