@@ -176,7 +176,7 @@ def _run(console: Console, stack: LocalStack, duration: float) -> None:
         )
     _step(console, "Waiting for live values from both collectors (OPC UA and MQTT)")
     stack.wait_for(
-        "SELECT count(quality) FROM telemetry WHERE time > now() - 2m AND origin != 'backfill' GROUP BY asset",
+        "SELECT count(quality) FROM telemetry WHERE time > now() - 2m AND origin != 'backfill' GROUP BY \"asset\"",
         lambda rows: len(rows) >= 2,
         timeout=120,
         what="live telemetry from the collectors",
@@ -285,25 +285,19 @@ def _lag_s(stack: LocalStack) -> float:
 
 
 def landed_per_asset(stack: LocalStack) -> dict[str, int]:
-    rows = stack.query("SELECT count(quality) FROM telemetry GROUP BY asset")
+    rows = stack.query('SELECT count(quality) FROM telemetry GROUP BY "asset"')
     return {row["asset"]: int(row["count"]) for row in rows}
 
 
 def degrading_assets(stack: LocalStack) -> list[dict[str, Any]]:
-    """Latest assessment per asset/tag with flag DEGRADING or worse, ranked by risk."""
-    rows = stack.query(
-        "SELECT last(flag_level) AS flag_level FROM asset_health GROUP BY asset, tag, criticality"
-    )
-    flagged = [r for r in rows if r["flag_level"] is not None and int(r["flag_level"]) >= 2]
-    details = []
-    for row in flagged:
-        detail = stack.query(
-            "SELECT last(hours_to_alarm) AS hours_to_alarm, last(p_cross) AS p_cross, "
-            "last(trend_per_day) AS trend_per_day, last(risk) AS risk, last(health_score) AS health_score "
-            f"FROM asset_health WHERE asset = '{row['asset']}' AND tag = '{row['tag']}'"
-        )
-        details.append({**row, **(detail[0] if detail else {})})
-    return sorted(details, key=lambda r: -(r.get("risk") or 0.0))
+    """The latest assessment of every tag whose flag is DEGRADING or worse, ranked by risk.
+
+    The whole latest row is read (not ``last()`` per field), so a field the latest pass left out,
+    such as ``hours_to_alarm`` when no crossing is forecast, is not filled from an older pass.
+    """
+    rows = stack.query('SELECT * FROM asset_health GROUP BY "asset", "tag" ORDER BY time DESC LIMIT 1')
+    flagged = [r for r in rows if r.get("flag_level") is not None and int(r["flag_level"]) >= 2]
+    return sorted(flagged, key=lambda r: -(r.get("risk") or 0.0))
 
 
 def _report(console: Console, stack: LocalStack) -> None:

@@ -1,0 +1,151 @@
+"""Pure logic of the assessment and the flag rules, on synthetic series with known truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flowline.analytics.api import assess, plot_assessment, write_report_png
+from flowline.analytics.assess import SeriesSpec, assess_series, regularise
+from flowline.analytics.job import assess_many, event_point, health_point
+from flowline.analytics.rules import AssessmentRules, Flag, decide_flag, health_score
+from flowline.analytics.synthetic import HIGH, make_series
+
+SPEC = SeriesSpec("s", "P-1", "vib", high=HIGH, consequence_weight=3.0, criticality="A")
+END = pd.Timestamp("2026-01-15T00:00:00Z")
+
+
+@pytest.mark.parametrize("kind", ["healthy", "daily"])
+@pytest.mark.parametrize("seed", range(8))
+def test_no_false_flags_on_healthy_noisy_and_daily_cycle(kind: str, seed: int) -> None:
+    a = assess_series(make_series(kind, seed=seed), SPEC)  # type: ignore[arg-type]
+    assert a.result == "ok"
+    assert a.flag == Flag.OK, a
+    assert a.hours_to_alarm is None and a.p_cross < 0.01 and a.health_score > 90
+
+
+def test_daily_cycle_near_a_limit_is_not_degrading() -> None:
+    # Peaks of a daily cycle (54) 3 units under the limit: the seasonal model knows they are peaks.
+    spec = SeriesSpec("s", "P-1", "vib", high=57.0)
+    a = assess_series(make_series("daily", seed=3), spec, screen=False)
+    assert a.flag <= Flag.WATCH and not (a.trend_significant and a.flag >= Flag.DEGRADING)
+    assert a.model.startswith("stl+"), a.model
+
+
+@pytest.mark.parametrize("cross_in_hours", [30, 60, 100])
+@pytest.mark.parametrize("seed", range(3))
+def test_degrading_flagged_at_least_a_day_ahead(cross_in_hours: float, seed: int) -> None:
+    a = assess_series(make_series("degrading", seed=seed, cross_in_hours=cross_in_hours), SPEC)
+    assert a.flag >= Flag.DEGRADING, a
+    assert a.trend_significant and a.trend_per_day > 0
+    assert a.hours_to_alarm is not None and abs(a.hours_to_alarm - cross_in_hours) < 0.35 * cross_in_hours + 12
+    assert a.risk == pytest.approx(a.p_cross * 3.0, abs=1e-5)
+    assert a.model in ("holt", "damped", "stl+holt", "stl+damped")
+
+
+def test_distant_crossing_is_at_least_watch() -> None:
+    a = assess_series(make_series("degrading", seed=0, cross_in_hours=150), SPEC)
+    assert a.flag >= Flag.WATCH and a.trend_significant
+
+
+def test_beyond_limit_is_critical() -> None:
+    s = make_series("degrading", seed=1, cross_in_hours=-10)
+    a = assess_series(s, SPEC)
+    assert a.flag == Flag.CRITICAL and a.hours_to_alarm == 0.0
+
+
+def test_low_limit_side() -> None:
+    s = 100.0 - make_series("degrading", seed=2, cross_in_hours=60)  # falls toward 30
+    a = assess_series(s, SeriesSpec("s", "P-1", "suction", low=30.0))
+    assert a.flag >= Flag.DEGRADING and a.alarm_limit == 30.0 and a.trend_per_day < 0
+
+
+def test_gappy_series_is_filled_and_assessed() -> None:
+    s = make_series("degrading", seed=4, cross_in_hours=80)
+    keep = np.ones(len(s), dtype=bool)
+    keep[200:500] = False  # a 2-day outage
+    keep[np.random.default_rng(0).random(len(s)) < 0.3] = False  # and 30% random loss
+    a = assess_series(s[keep], SPEC)
+    assert a.result == "ok" and a.flag >= Flag.DEGRADING
+
+
+def test_too_gappy_too_short_stale_and_empty_are_reported_not_raised() -> None:
+    s = make_series("healthy")
+    assert "too short" in assess_series(s.iloc[-100:], SPEC).reason
+    sparse = s.iloc[::30]  # one value every 5 h: most hourly steps empty
+    assert "too many gaps" in assess_series(sparse, SPEC).reason
+    stale = assess_series(s.iloc[:-100], SPEC, end=END)
+    assert stale.result == "skipped" and "no data in the last" in stale.reason
+    empty = assess_series(pd.Series([], dtype=float, index=pd.DatetimeIndex([], tz="UTC")), SPEC)
+    assert empty.result == "failed"
+    nan = assess_series(s * np.nan, SPEC, end=END)
+    assert nan.result == "skipped"
+
+
+def test_constant_series() -> None:
+    a = assess_series(make_series("constant"), SPEC)
+    assert (a.result, a.model, a.flag, a.health_score) == ("ok", "constant", Flag.OK, 100.0)
+    stuck_high = assess_series(make_series("constant") + 30, SPEC)
+    assert stuck_high.flag == Flag.CRITICAL
+
+
+def test_no_limits_only_trend_and_anomaly() -> None:
+    a = assess_series(make_series("degrading", seed=1), SeriesSpec("s", "P-1", "flow"))
+    assert a.alarm_limit is None and a.p_cross == 0 and a.flag == Flag.OK and a.trend_significant
+
+
+def test_regularise_bins_end_at_the_assessment_time() -> None:
+    idx = pd.date_range("2026-01-01T00:05Z", periods=12, freq="10min")
+    reg = regularise(pd.Series(np.arange(12.0), index=idx), "1h", pd.Timestamp("2026-01-01T02:00Z"))
+    assert list(reg.index) == [pd.Timestamp("2026-01-01T00:00Z"), pd.Timestamp("2026-01-01T01:00Z")]
+    assert list(reg) == [2.5, 8.5]
+
+
+def test_deterministic_and_same_in_pool() -> None:
+    items = [(SPEC, make_series(k, seed=i)) for i, k in enumerate(["healthy", "degrading", "daily", "degrading"])]
+    rules = AssessmentRules()
+    local = assess_many(items, rules, workers=1)
+    pooled = assess_many(items, rules, workers=2)
+    assert [health_point(a) for a in local] == [health_point(a) for a in pooled]
+
+
+def test_rules_are_configurable_and_documented_order() -> None:
+    strict = AssessmentRules(degrading_p=0.99, horizon_hours=48)
+    a = assess_series(make_series("degrading", seed=0, cross_in_hours=100), SPEC, strict)
+    assert a.flag == Flag.WATCH
+    rules = AssessmentRules()
+    kw = {"beyond_limit": False, "p_cross": 0.0, "hours_to_alarm": None, "trend_toward_limit": False}
+    assert decide_flag(rules, anomaly_score=0.0, **kw) is Flag.OK
+    assert decide_flag(rules, anomaly_score=0.99995, **kw) is Flag.WATCH
+    assert decide_flag(rules, **{**kw, "p_cross": 0.6}, anomaly_score=0) is Flag.WATCH  # no trend: not DEGRADING
+    assert decide_flag(rules, **{**kw, "p_cross": 0.95, "hours_to_alarm": 10.0}, anomaly_score=0) is Flag.CRITICAL
+    assert health_score(rules, 0.0, 0.5, None) == 100.0
+    assert health_score(rules, 0.5, 0.0, 0.0) == 25.0
+
+
+def test_events_raised_and_cleared() -> None:
+    a = assess_series(make_series("degrading", seed=0), SPEC)
+    raised = event_point(a, Flag.OK)
+    assert raised is not None and raised.tags["kind"] == "flag_raised" and raised.fields["previous_flag"] == "OK"
+    assert event_point(a, a.flag) is None
+    healthy = assess_series(make_series("healthy", seed=0), SPEC)
+    cleared = event_point(healthy, Flag.DEGRADING)
+    assert cleared is not None and cleared.tags["kind"] == "flag_cleared"
+
+
+def test_api_assess_uses_good_quality_and_plots(tmp_path: Path) -> None:
+    s = make_series("degrading", seed=2)
+    frame = pd.DataFrame({"value": s, "quality": 0})
+    frame.iloc[::50, 0] = 1e9
+    frame.iloc[::50, 1] = 2  # bad values are stored, and must be ignored
+    a = assess(frame, SPEC)
+    assert a.flag >= Flag.DEGRADING and a.history is not None and a.history.max() < 1e3
+    fig = plot_assessment(a)
+    assert fig.axes[0].get_title().startswith("P-1 vib: ")
+    out = tmp_path / "report.png"
+    assert write_report_png([a, assess_series(make_series("healthy"), SPEC)], out) == 1
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert write_report_png([], tmp_path / "empty.png") == 0
