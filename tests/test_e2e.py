@@ -135,9 +135,9 @@ def test_opcua_and_mqtt_values_land_with_tags_value_quality_and_timestamp(
 def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Path) -> None:
     seed = 7
     workdir = tmp_path / "demo"
+    command = ["demo", "--duration", "5", "--seed", str(seed), "--workdir", str(workdir), "--backfill-step", "600"]
     result = subprocess.run(
-        [sys.executable, "-m", "flowline", "demo", "--duration", "5", "--seed", str(seed)]
-        + ["--workdir", str(workdir), "--backfill-step", "600"],
+        [sys.executable, "-m", "flowline", *command],
         capture_output=True,
         text=True,
         timeout=600,
