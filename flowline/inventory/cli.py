@@ -38,3 +38,13 @@ def check(site_file: Path) -> None:
         f"{site_file}: OK: site {site.site}, {len(site.assets)} assets, {len(tags)} tags ({sources}), "
         f"{len(site.flows)} approved flows"
     )
+
+
+def _register_discover() -> None:
+    # `discover` lives with the collectors (it speaks OPC UA); imported here so `flowline assets` lists it.
+    from flowline.collectors.discover import discover
+
+    assets.add_command(discover)
+
+
+_register_discover()
