@@ -4,15 +4,22 @@ Pipeline for one series (see `rules` for the flag rules):
 
 1. Regularise: re-aggregate to ``rules.model_step`` (mean per bin, bins aligned to the assessment
    time), interpolate gaps inside the history, refuse too short, too gappy or stale series.
-2. Screen cheaply with numpy: daily profile (hour-of-day means of the linearly detrended series),
-   trend over the last ``trend_window_hours`` by OLS with a standard error widened for
-   autocorrelated noise. A series with no trend evidence (|t| < ``screen_t``) whose limits are
-   ``screen_sigmas`` noise sigmas away is settled here with a flat-plus-profile forecast; fitting
-   it could not change its flag, and skipping the fit is what makes a fleet pass fast.
-3. Otherwise fit statsmodels ETS models: Holt (additive trend) and damped additive trend, on the
-   STL-deseasonalised series when the daily seasonal strength is at least ``seasonal_strength``
-   (the seasonal option), choosing by AICc (same data, so comparable). Forecast the horizon with
-   analytic prediction intervals and add the STL seasonal pattern back.
+2. Screen cheaply with numpy: daily profile (hour-of-day means of the series detrended by a centred
+   one-cycle moving average, which follows a fault's curved rise), trend over the last
+   ``trend_window_hours`` by OLS with a standard error widened for autocorrelated noise. A series
+   with no trend evidence (|t| < ``screen_t``) whose limits are ``screen_sigmas`` noise sigmas away
+   is settled here with a flat-plus-profile forecast; fitting it could not change its flag, and
+   skipping the fit is what makes a fleet pass fast.
+3. Otherwise fit statsmodels ETS models on the STL-deseasonalised series when the daily seasonal
+   strength is at least ``seasonal_strength`` (the seasonal option): Holt (additive trend), damped
+   additive trend (phi estimated within [``min_damping``, 0.9999], so it cannot flatten at once),
+   and, for a positive series, Holt on the log scale (exponential growth: accelerating wear).
+   Choose by backtest, not by one-step fit: the RMSE of the 1..``validation_hours`` ahead forecasts
+   from each of the last day's origins that have that much data after them. AICc on one-step errors
+   favours models that chase the latest value and then extrapolate a degradation flat. Forecast
+   with the chosen model's own prediction intervals (on the log scale for the log model, so they
+   stay positive), widened when the backtest errors were larger than the model's sd, and add the
+   STL seasonal pattern back.
 4. From the forecast: hours until the mean crosses a limit (extrapolated up to 4 horizons),
    probability of crossing within the horizon (worst step of the forecast distribution, a lower
    bound of the path probability), trend per day and its significance, anomaly score of the latest
@@ -24,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -171,17 +178,24 @@ def _screen(y: np.ndarray, rules: AssessmentRules, step_h: float, n_future: int)
     n = len(y)
     x = np.arange(n, dtype=float)
     season = round(rules.season_hours / step_h)
-    line = np.polyval(np.polyfit(x, y, 1), x)
-    detr = y - line
     profile = np.zeros(n)
     future_profile = np.zeros(n_future)
     strength = 0.0
     if season >= 2 and n >= 2 * season:
         # Phase counted back from the newest bin so that the profile continues seamlessly.
         phase = (x[::-1] % season).astype(int)[::-1]
-        means = np.bincount(phase, weights=detr, minlength=season) / np.bincount(phase, minlength=season)
+        # Detrended by a centred one-cycle moving average (classical decomposition): it follows a
+        # fault's curved rise, where a straight line leaves the curvature in the residuals and
+        # hides a strong daily cycle (the trend model then chases the cycle).
+        weights = np.ones(season + 1 - season % 2)
+        weights[[0, -1]] = 0.5 if season % 2 == 0 else 1.0
+        ma = np.convolve(y, weights / weights.sum(), mode="valid")
+        lo = (len(y) - len(ma)) // 2
+        detr = y[lo : lo + len(ma)] - ma
+        ph = phase[lo : lo + len(ma)]
+        means = np.bincount(ph, weights=detr, minlength=season) / np.bincount(ph, minlength=season)
         means -= means.mean()
-        resid0 = detr - means[phase]
+        resid0 = detr - means[ph]
         var_sr = float(np.var(detr))
         strength = 0.0 if var_sr == 0 else max(0.0, 1.0 - float(np.var(resid0)) / var_sr)
         if strength >= rules.seasonal_strength:
@@ -224,61 +238,139 @@ def _anomaly(resid: np.ndarray, k: int, r1: float) -> float:
     return float(math.erf(abs(z) / math.sqrt(2)))
 
 
-def _fit(prep: _Prepared, scr: _Screen, rules: AssessmentRules, n_h: int, n_ext: int) -> tuple[
-    str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray
-]:
-    """Fit the candidates; return model name, mean/sd over the horizon, extended mean, residuals, profile."""
+@dataclass
+class _Forecast:
+    """A forecast over the extended horizon. ``centre``/``sd`` are on the model's scale (log for
+    the log model) without the seasonal pattern; ``seasonal`` is added back on the data's scale."""
+
+    model: str
+    centre: np.ndarray
+    sd: np.ndarray
+    seasonal: np.ndarray
+    log: bool = False
+
+    def _to_data(self, x: np.ndarray) -> np.ndarray:
+        scaled: np.ndarray = np.exp(x) if self.log else x
+        out: np.ndarray = scaled + self.seasonal[: len(x)]
+        return out
+
+    def mean(self, n: int | None = None) -> np.ndarray:
+        """Mean (median of the log model) on the data's scale, first ``n`` steps."""
+        return self._to_data(self.centre[:n])
+
+    def band(self, n: int, z: float) -> tuple[np.ndarray, np.ndarray]:
+        c, d = self.centre[:n], self.sd[:n]
+        return self._to_data(c - z * d), self._to_data(c + z * d)
+
+    def p_beyond(self, limit: float, sign: int, n: int) -> float:
+        """Worst-step probability of being beyond ``limit`` (``sign`` +1 above, -1 below)."""
+        threshold = limit - self.seasonal[:n]
+        if self.log:
+            positive = threshold > 0
+            # Positive by construction: a limit at or under zero is always above it, never below.
+            threshold = np.where(positive, np.log(np.where(positive, threshold, 1.0)), -np.inf)
+        sd = np.where(self.sd[:n] > 0, self.sd[:n], np.finfo(float).tiny)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            p = stats.norm.sf(sign * (threshold - self.centre[:n]) / sd)
+        return float(np.max(np.nan_to_num(p, nan=0.0)))
+
+
+@dataclass
+class _Backtest:
+    """Forecasts from each of the last ``origins`` origins with ``hv`` observations after them:
+    what the model would have said a day or two ago, against what happened."""
+
+    rmse: float  # data scale, over 1..hv steps ahead: the model choice criterion
+    errors: np.ndarray  # model scale, origins x hv
+
+    def calibration(self, sd: np.ndarray) -> float:
+        """How much wider the errors were than the model's own h-step sd (at least 1)."""
+        hv = self.errors.shape[1]
+        ratio = float(np.sqrt(np.mean((self.errors / np.maximum(sd[None, :hv], 1e-300)) ** 2)))
+        return max(1.0, ratio) if math.isfinite(ratio) else 1.0
+
+
+def _backtest(states: pd.DataFrame, phi: float, z: np.ndarray, log: bool, hv: int, origins: int) -> _Backtest:
+    # One-step fit criteria (AICc) favour models that chase the latest value; this rewards the
+    # trend that carried on. The parameters are the full fit's, so it is cheap (no refits).
+    level = states["level"].to_numpy(dtype=float)
+    trend = states["trend"].to_numpy(dtype=float)
+    h = np.arange(1, hv + 1)
+    reach = np.cumsum(phi**h) if phi < 1 else h.astype(float)
+    o = np.arange(len(z) - hv - origins, len(z) - hv)
+    pred = level[o, None] + trend[o, None] * reach[None, :]
+    actual = z[o[:, None] + h[None, :]]
+    errors = actual - pred
+    if log:
+        pred, actual = np.exp(np.minimum(pred, 700.0)), np.exp(actual)
+    return _Backtest(float(np.sqrt(np.mean((pred - actual) ** 2))), errors)
+
+
+def _fit(prep: _Prepared, scr: _Screen, rules: AssessmentRules, n_h: int, n_ext: int) -> tuple[_Forecast, np.ndarray]:
+    """Fit the candidates, choose by rolling-origin multi-step error; return the forecast and the
+    chosen model's one-step residuals."""
     from statsmodels.tsa.exponential_smoothing.ets import ETSModel
     from statsmodels.tsa.seasonal import STL
 
     y = prep.y
+    n = len(y)
     season = round(rules.season_hours / prep.step_h)
     prefix = ""
-    seasonal = np.zeros(len(y))
+    seasonal = np.zeros(n)
     future = np.zeros(n_ext)
     if scr.strength >= rules.seasonal_strength:
         stl = STL(y, period=season, robust=True).fit()
         seasonal = np.asarray(stl.seasonal, dtype=float)
-        last_cycle = seasonal[-season:]
-        future = np.resize(last_cycle, n_ext)
+        future = np.resize(seasonal[-season:], n_ext)
         prefix = "stl+"
-    adj = pd.Series(y - seasonal)
-    best = None
+    adj = y - seasonal
+    hv = max(1, min(round(rules.validation_hours / prep.step_h), n // 4))
+    origins = max(1, min(round(rules.season_hours / prep.step_h), n // 4))
+    candidates: list[tuple[str, bool, bool]] = [("holt", False, False), ("damped", True, False)]
+    if float(adj.min()) > 0:
+        # Exponential growth (and power laws, nearly) is a straight line on the log scale: the
+        # accelerating rise of wear that a linear trend extrapolates too slowly.
+        candidates.append(("log-holt", False, True))
+    best: tuple[_Backtest, str, bool, Any] | None = None
     with warnings.catch_warnings():
-        # Convergence chatter from the optimiser; a poor fit loses on AICc anyway.
+        # Convergence chatter from the optimiser; a poor fit loses on forecast error anyway.
         warnings.simplefilter("ignore")
-        for name, damped in (("holt", False), ("damped", True)):
+        for name, damped, log in candidates:
+            z = np.log(adj) if log else adj
             # Damping per model step is bounded near 1: fitted freely on hourly data it flattens a
             # real drift within a day and pushes the forecast crossing far past the truth.
             bounds = {"damping_trend": (rules.min_damping, 0.9999)} if damped else None
-            res = ETSModel(adj, error="add", trend="add", damped_trend=damped, bounds=bounds).fit(disp=False)
+            res = ETSModel(pd.Series(z), error="add", trend="add", damped_trend=damped, bounds=bounds).fit(disp=False)
             if not math.isfinite(res.aicc):
                 continue
-            if best is None or res.aicc < best[1].aicc:
-                best = (name, res)
+            phi = float(res.params[list(res.param_names).index("damping_trend")]) if damped else 1.0
+            bt = _backtest(res.states, phi, z, log, hv, origins)
+            if math.isfinite(bt.rmse) and (best is None or bt.rmse < best[0].rmse):
+                best = (bt, name, log, res)
     if best is None:
         raise AssessmentError("no model converged")
-    name, res = best
-    n = len(y)
-    frame = res.get_prediction(start=n, end=n + n_h - 1).summary_frame(alpha=1 - rules.interval)
-    z = stats.norm.ppf(0.5 + rules.interval / 2)
-    mean = frame["mean"].to_numpy(dtype=float) + future[:n_h]
-    sd = (frame["pi_upper"].to_numpy(dtype=float) - frame["mean"].to_numpy(dtype=float)) / z
-    ext = np.asarray(res.forecast(n_ext), dtype=float) + future
-    return prefix + name, mean, sd, ext, np.asarray(res.resid, dtype=float), seasonal
+    bt, name, log, res = best
+    frame = res.get_prediction(start=n, end=n + n_ext - 1).summary_frame(alpha=1 - rules.interval)
+    z_crit = stats.norm.ppf(0.5 + rules.interval / 2)
+    centre = frame["mean"].to_numpy(dtype=float)
+    sd = (frame["pi_upper"].to_numpy(dtype=float) - centre) / z_crit
+    # A misspecified trend (acceleration the model does not have) shows in the backtest errors
+    # before it shows in the model's own intervals: widen them by the measured excess.
+    sd = sd * bt.calibration(sd)
+    resid = np.asarray(res.resid, dtype=np.float64)
+    return _Forecast(prefix + name, centre, sd, future, log), resid
 
 
 def _crossing(
-    spec: SeriesSpec, mean: np.ndarray, sd: np.ndarray, ext: np.ndarray, step_h: float, slope: float
+    spec: SeriesSpec, fc: _Forecast, n_h: int, step_h: float, slope: float
 ) -> tuple[float | None, float, float | None, int]:
     """(alarm limit, p_cross, hours to alarm, direction +1 high / -1 low / 0 none) for the worse side."""
     sides: list[tuple[float, float, float | None, int]] = []
-    safe_sd = np.where(sd > 0, sd, np.finfo(float).tiny)
+    ext = fc.mean()
     for limit, sign in ((spec.high, 1), (spec.low, -1)):
         if limit is None:
             continue
-        with np.errstate(divide="ignore", over="ignore"):
-            p = float(np.max(stats.norm.sf(sign * (limit - mean) / safe_sd)))
+        p = fc.p_beyond(limit, sign, n_h)
         hit = np.nonzero(sign * (ext - limit) >= 0)[0]
         hours = float((hit[0] + 1) * step_h) if len(hit) else None
         sides.append((p, 1.0 if slope * sign > 0 else 0.0, hours, sign))
@@ -310,8 +402,9 @@ def assess_series(
     except StaleSeriesError as exc:
         return Assessment(spec, end, "skipped", str(exc))
     except (AssessmentError, ValueError, np.linalg.LinAlgError) as exc:
-        return Assessment(spec, end, "failed", f"{type(exc).__name__}: {exc}" if not isinstance(
-            exc, AssessmentError) else str(exc))
+        return Assessment(
+            spec, end, "failed", f"{type(exc).__name__}: {exc}" if not isinstance(exc, AssessmentError) else str(exc)
+        )
 
 
 def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Timestamp, screen: bool) -> Assessment:
@@ -328,7 +421,8 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
         out = Assessment(spec, end, "ok", model="constant", last_value=last, history=history)
         flat = np.full(n_h, last)
         out.forecast = pd.DataFrame({"yhat": flat, "lower": flat, "upper": flat}, index=future_index)
-        limit, p, hours, _ = _crossing(spec, flat, np.zeros(n_h), np.full(n_ext, last), prep.step_h, 0.0)
+        fixed = _Forecast("constant", np.full(n_ext, last), np.zeros(n_ext), np.zeros(n_ext))
+        limit, p, hours, _ = _crossing(spec, fixed, n_h, prep.step_h, 0.0)
         out.alarm_limit, out.p_cross = limit, p
         out.hours_to_alarm = 0.0 if hours is not None else None
         out.flag = Flag.CRITICAL if hours is not None else Flag.OK
@@ -347,15 +441,13 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
     )
     anomaly = _anomaly(scr.resid, rules.anomaly_window, scr.r1)
     if screen and abs(scr.t) < rules.screen_t and far and anomaly < rules.anomaly_watch:
-        model = "screen"
-        mean = scr.level + scr.future_profile[:n_h]
-        sd = np.full(n_h, scr.sigma * math.sqrt(1 + 1 / max(1, len(scr.resid))))
-        ext = scr.level + scr.future_profile
+        sd_flat = scr.sigma * math.sqrt(1 + 1 / max(1, len(scr.resid)))
+        fc = _Forecast("screen", np.full(n_ext, scr.level), np.full(n_ext, sd_flat), scr.future_profile)
     else:
-        model, mean, sd, ext, resid, _ = _fit(prep, scr, rules, n_h, n_ext)
+        fc, resid = _fit(prep, scr, rules, n_h, n_ext)
         anomaly = _anomaly(resid, rules.anomaly_window, 0.0)
 
-    limit, p_cross, hours, sign = _crossing(spec, mean, sd, ext, prep.step_h, scr.slope)
+    limit, p_cross, hours, sign = _crossing(spec, fc, n_h, prep.step_h, scr.slope)
     beyond = limit is not None and sign * (last - limit) >= 0
     if beyond:
         hours = 0.0
@@ -371,8 +463,8 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
         anomaly_score=anomaly,
         trend_hours_to_alarm=trend_hours,
     )
-    z = stats.norm.ppf(0.5 + rules.interval / 2)
-    forecast = pd.DataFrame({"yhat": mean, "lower": mean - z * sd, "upper": mean + z * sd}, index=future_index)
+    lower, upper = fc.band(n_h, stats.norm.ppf(0.5 + rules.interval / 2))
+    forecast = pd.DataFrame({"yhat": fc.mean(n_h), "lower": lower, "upper": upper}, index=future_index)
     return Assessment(
         spec=spec,
         assessed_at=end,
@@ -386,7 +478,7 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
         anomaly_score=round(anomaly, 6),
         risk=round(p_cross * spec.consequence_weight, 6),
         alarm_limit=limit,
-        model=model,
+        model=fc.model,
         last_value=last,
         history=history,
         forecast=forecast,

@@ -54,6 +54,7 @@ class AssessmentRules(BaseModel):
     season_hours: int = Field(default=24, gt=1)
     seasonal_strength: float = Field(default=0.4, ge=0, le=1)
     min_damping: float = Field(default=0.99, gt=0, lt=1)  # lower bound of the damped trend's phi
+    validation_hours: float = Field(default=48, gt=0)  # multi-step error horizon for model choice
     trend_window_hours: float = Field(default=72, gt=1)
     screen_t: float = Field(default=2.0, ge=0)  # |t| of the trend below which a fit may be skipped
     screen_sigmas: float = Field(default=6.0, ge=0)  # ... if the limit is this many sigmas away
@@ -89,11 +90,7 @@ def decide_flag(
         return Flag.DEGRADING
     if (
         p_cross >= rules.watch_p
-        or (
-            trend_toward_limit
-            and hours_to_alarm is not None
-            and hours_to_alarm <= rules.watch_horizons * horizon
-        )
+        or (trend_toward_limit and hours_to_alarm is not None and hours_to_alarm <= rules.watch_horizons * horizon)
         or anomaly_score >= rules.anomaly_watch
     ):
         return Flag.WATCH
