@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -21,7 +22,7 @@ def machine() -> str:
     return f"{platform.node()} {os.cpu_count()} cores{mem}"
 
 
-def write_results(name: str, figures: dict[str, float | int | str]) -> Path:
+def write_results(name: str, figures: Mapping[str, float | int | str]) -> Path:
     """Write ``bench/results/<name>.json``: the figures plus ``date`` and ``machine``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {**figures, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine()}

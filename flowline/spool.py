@@ -18,15 +18,16 @@ Record layout: ``<u32 payload length><u32 crc32(length || payload)><payload>``, 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from flowline.points import Point
 
@@ -96,6 +97,25 @@ def scan_records(data: bytes, start: int = 0) -> Iterable[tuple[int, int, bytes]
         payload = data[offset + _HEADER.size : end]
         if zlib.crc32(payload, zlib.crc32(struct.pack("<I", length))) != crc:
             return
+        yield offset, end, payload
+        offset = end
+
+
+def _read_records(fh: BinaryIO, start: int) -> Iterator[tuple[int, int, bytes]]:
+    """Like `scan_records`, reading a file from ``start``; stops at the first torn or bad record."""
+    fh.seek(start)
+    offset = start
+    while True:
+        header = fh.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return
+        length, crc = _HEADER.unpack(header)
+        if length > MAX_RECORD_BYTES:
+            return
+        payload = fh.read(length)
+        if len(payload) < length or zlib.crc32(payload, zlib.crc32(header[:4])) != crc:
+            return
+        end = offset + _HEADER.size + length
         yield offset, end, payload
         offset = end
 
@@ -177,7 +197,17 @@ class SpoolWriter:
         if points:
             self.append([encode_points(points)])
 
+    def _disk_size(self) -> int:
+        total = 0
+        for number in _segments(self.folder):
+            with contextlib.suppress(FileNotFoundError):  # deleted by the reader meanwhile
+                total += _segment_path(self.folder, number).stat().st_size
+        return total
+
     def _make_room(self, needed: int) -> None:
+        if self._size + needed > self.max_bytes:
+            # The reader deletes acknowledged segments behind our back: look at the disk before refusing.
+            self._size = self._disk_size()
         while self._size + needed > self.max_bytes:
             if self.on_full == "refuse":
                 raise SpoolFullError(
@@ -196,7 +226,7 @@ class SpoolWriter:
         try:
             data = path.read_bytes()
         except FileNotFoundError:  # the reader deleted it meanwhile: that freed the space
-            self._size = sum(_segment_path(self.folder, n).stat().st_size for n in _segments(self.folder))
+            self._size = self._disk_size()
             return True
         self.dropped_records += sum(1 for _ in scan_records(data))
         _write_counter(self.folder / "dropped", self.dropped_records)
@@ -211,7 +241,7 @@ class SpoolWriter:
         if self.fsync:
             _fsync_dir(self.folder)
         # The reader deletes acknowledged segments; refresh the size from disk at each roll.
-        self._size = sum(_segment_path(self.folder, n).stat().st_size for n in _segments(self.folder))
+        self._size = self._disk_size()
 
     def close(self) -> None:
         self._file.close()
@@ -253,14 +283,17 @@ class SpoolReader:
         for number in (n for n in numbers if n >= position.segment):
             offset = position.offset if number == position.segment else 0
             try:
-                data = _segment_path(self.folder, number).read_bytes()
+                fh = open(_segment_path(self.folder, number), "rb", buffering=1 << 20)  # noqa: SIM115
             except FileNotFoundError:  # dropped by the writer's drop-oldest policy
                 continue
-            for start, end, payload in scan_records(data, offset):
-                out.append(SpoolRecord(Position(number, start), Position(number, end), payload))
-                size += len(payload)
-                if len(out) >= max_records or size >= max_bytes:
-                    return out
+            with fh:
+                # Read record by record from the position: a segment can be large and a reader that
+                # re-read whole files would spend its time on bytes it has already delivered.
+                for start, end, payload in _read_records(fh, offset):
+                    out.append(SpoolRecord(Position(number, start), Position(number, end), payload))
+                    size += len(payload)
+                    if len(out) >= max_records or size >= max_bytes:
+                        return out
             if number == numbers[-1]:
                 break
             # A torn record is only legitimate at the very end of the newest segment; older segments
@@ -283,17 +316,17 @@ class SpoolReader:
                 _segment_path(self.folder, number).unlink(missing_ok=True)
 
     def pending_bytes(self) -> int:
-        """Bytes not yet acknowledged (spool depth)."""
+        """Bytes not yet acknowledged (spool depth), as persisted: also right for a monitoring process."""
+        acked = self._load_ack()
         total = 0
         for number in _segments(self.folder):
-            if number < self.acked.segment:
+            if number < acked.segment:
                 continue
-            size = (
-                _segment_path(self.folder, number).stat().st_size
-                if _segment_path(self.folder, number).exists()
-                else 0
-            )
-            total += size - (self.acked.offset if number == self.acked.segment else 0)
+            try:
+                size = _segment_path(self.folder, number).stat().st_size
+            except FileNotFoundError:  # acknowledged and deleted meanwhile
+                continue
+            total += size - (acked.offset if number == acked.segment else 0)
         return max(total, 0)
 
     @property

@@ -1,0 +1,115 @@
+"""Link simulation for rehearsing the relay (tests, benchmarks, site acceptance runs).
+
+`LossyUdpProxy` forwards datagrams to a target, dropping each with probability ``loss`` and
+counting what it dropped (diode mode); `CuttableTcpProxy` forwards TCP and can cut the link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+
+
+class LossyUdpProxy:
+    def __init__(self, target: tuple[str, int], loss: float, seed: int | None = None) -> None:
+        self.target = target
+        self.loss = loss
+        self.rng = random.Random(seed)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.forwarded = 0
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lossy-udp", daemon=True)
+
+    def start(self) -> LossyUdpProxy:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            if self.rng.random() < self.loss:
+                self.dropped += 1
+                continue
+            self.out.sendto(data, self.target)
+            self.forwarded += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+        self.out.close()
+
+
+class CuttableTcpProxy:
+    """A TCP forwarder whose link can be cut: `cut` drops every open connection at once."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.cuts = 0
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="tcp-proxy", daemon=True)
+
+    def start(self) -> CuttableTcpProxy:
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()  # the far end is down: so is the link
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self.cuts += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        self._thread.join(2)
+        self.cut()
