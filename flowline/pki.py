@@ -49,35 +49,41 @@ def _write(cert: x509.Certificate, key: rsa.RSAPrivateKey, folder: Path, stem: s
     return files
 
 
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: rsa.RSAPublicKey, days: int, ca: bool
+) -> x509.CertificateBuilder:
+    """The parts every certificate shares; a CA signs certificates, a leaf signs and encrypts."""
+    now = dt.datetime.now(dt.UTC)
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=not ca,
+        key_encipherment=not ca,
+        data_encipherment=not ca,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+    )
+
+
 class CertificateAuthority:
     def __init__(self, folder: Path, name: str = "Flowline test CA", key_size: int = 2048) -> None:
         self.folder = Path(folder)
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=key_size)
-        now = dt.datetime.now(dt.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(_name(name))
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
+        self.cert = _builder(_name(name), _name(name), self.key.public_key(), 3650, ca=True).sign(
+            self.key, hashes.SHA256()
         )
         self.files = _write(self.cert, self.key, self.folder, "ca")
 
@@ -95,7 +101,6 @@ class CertificateAuthority:
     ) -> CertFiles:
         """Issue (or self-sign) a leaf certificate. ``uri`` is the SAN URI an OPC UA application needs."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        now = dt.datetime.now(dt.UTC)
         san: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         if uri:
@@ -105,29 +110,8 @@ class CertificateAuthority:
         )
         issuer_name, signing_key = (_name(common_name), key) if self_signed else (self.cert.subject, self.key)
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name))
-            .issuer_name(issuer_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=days))
+            _builder(_name(common_name), issuer_name, key.public_key(), days, ca=False)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=True,
-                    key_encipherment=True,
-                    data_encipherment=True,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .sign(signing_key, hashes.SHA256())
         )

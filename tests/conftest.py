@@ -10,11 +10,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from flowline.pki import CertFiles, CertificateAuthority
-from flowline.services import InfluxDServer, MosquittoServer, TlsFiles
+from flowline.services import InfluxDServer, ManagedProcess, MosquittoServer, TlsFiles
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -22,6 +23,8 @@ EXAMPLE_SITE = REPO / "flowline" / "examples" / "north-field.yaml"
 
 MQTT_USER = "flowline"
 MQTT_PASSWORD = "test-" + uuid.uuid4().hex[:8]
+
+T = TypeVar("T", bound=ManagedProcess)
 
 
 @pytest.fixture(scope="session")
@@ -34,19 +37,43 @@ def broker_cert(pki: CertificateAuthority) -> CertFiles:
     return pki.issue("mosquitto-test", stem="broker")
 
 
+def _start(pool: list[ManagedProcess], server: T) -> T:
+    """Start a server a test asked for and remember it, so teardown stops it even if the test fails."""
+    server.start()
+    pool.append(server)
+    return server
+
+
+def _stop_all(pool: list[ManagedProcess]) -> None:
+    for server in pool:
+        server.stop()
+
+
+def _broker(
+    folder: Path,
+    pki: CertificateAuthority,
+    broker_cert: CertFiles,
+    tls: bool = True,
+    users: dict[str, str] | None = None,
+    acl: list[str] | None = None,
+) -> MosquittoServer:
+    return MosquittoServer(
+        folder,
+        users=users if users is not None else {MQTT_USER: MQTT_PASSWORD},
+        acl=acl,
+        tls=TlsFiles(pki.files.cert, broker_cert.cert, broker_cert.key) if tls else None,
+    )
+
+
 @pytest.fixture
 def influx_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., InfluxDServer]]:
-    started: list[InfluxDServer] = []
+    started: list[ManagedProcess] = []
 
     def make(auth: bool = True) -> InfluxDServer:
-        server = InfluxDServer(tmp_path_factory.mktemp("influxd"), auth=auth)
-        server.start()
-        started.append(server)
-        return server
+        return _start(started, InfluxDServer(tmp_path_factory.mktemp("influxd"), auth=auth))
 
     yield make
-    for server in started:
-        server.stop()
+    _stop_all(started)
 
 
 @pytest.fixture(scope="session")
@@ -70,22 +97,13 @@ def influx_db(influx: InfluxDServer) -> Iterator[str]:
 def mosquitto_factory(
     tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority, broker_cert: CertFiles
 ) -> Iterator[Callable[..., MosquittoServer]]:
-    started: list[MosquittoServer] = []
+    started: list[ManagedProcess] = []
 
     def make(tls: bool = True, users: dict[str, str] | None = None, acl: list[str] | None = None) -> MosquittoServer:
-        server = MosquittoServer(
-            tmp_path_factory.mktemp("mosquitto"),
-            users=users if users is not None else {MQTT_USER: MQTT_PASSWORD},
-            acl=acl,
-            tls=TlsFiles(pki.files.cert, broker_cert.cert, broker_cert.key) if tls else None,
-        )
-        server.start()
-        started.append(server)
-        return server
+        return _start(started, _broker(tmp_path_factory.mktemp("mosquitto"), pki, broker_cert, tls, users, acl))
 
     yield make
-    for server in started:
-        server.stop()
+    _stop_all(started)
 
 
 @pytest.fixture(scope="session")
@@ -93,11 +111,7 @@ def mosquitto(
     tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority, broker_cert: CertFiles
 ) -> Iterator[MosquittoServer]:
     """A shared broker with a plain and a TLS listener, password auth on (`MQTT_USER`/`MQTT_PASSWORD`)."""
-    server = MosquittoServer(
-        tmp_path_factory.mktemp("mosquitto-shared"),
-        users={MQTT_USER: MQTT_PASSWORD},
-        tls=TlsFiles(pki.files.cert, broker_cert.cert, broker_cert.key),
-    )
+    server = _broker(tmp_path_factory.mktemp("mosquitto-shared"), pki, broker_cert)
     server.start()
     yield server
     server.stop()
