@@ -123,7 +123,8 @@ def demo(
       flowline demo --duration 300 --seed 3
     """
     console = Console()
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT explicitly: a parent may have set it to ignore
+        signal.signal(signum, _raise_interrupt)
     try:
         ensure_packages(console)
     except (ServiceError, subprocess.CalledProcessError) as exc:

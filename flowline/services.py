@@ -264,12 +264,14 @@ class MosquittoServer(ManagedProcess):
         acl: list[str] | None = None,
         tls: TlsFiles | None = None,
         allow_anonymous: bool = False,
+        require_certificate: bool = False,
     ) -> None:
         super().__init__(workdir)
         self.users = users or {}
         self.acl = acl
         self.tls = tls
         self.allow_anonymous = allow_anonymous
+        self.require_certificate = require_certificate  # mutual TLS on the TLS listener
         self.port = 0
         self.tls_port = 0
 
@@ -299,6 +301,7 @@ class MosquittoServer(ManagedProcess):
                 f"certfile {self.tls.cert}",
                 f"keyfile {self.tls.key}",
                 "tls_version tlsv1.2",
+                f"require_certificate {str(self.require_certificate).lower()}",
             ]
         if self.users:
             passwd = self.workdir / "passwd"

@@ -7,11 +7,17 @@ import re
 import uuid
 from collections.abc import Iterator
 
+import pandas as pd
 import pytest
 
+from flowline.analytics.assess import Assessment, SeriesSpec
+from flowline.analytics.job import health_point
+from flowline.analytics.rules import Flag
 from flowline.dashboards.builder import Col, Dashboard, Select, TagValues
 from flowline.dashboards.definitions import all_dashboards
 from flowline.dashboards.export import render_all
+from flowline.historian.connection import Connection
+from flowline.historian.writer import HistorianWriter
 from flowline.inventory import load_site
 from flowline.services import InfluxDServer
 from tests.conftest import EXAMPLE_SITE
@@ -128,3 +134,66 @@ def test_exported_json_carries_exactly_these_queries() -> None:
     texts = {t["query"] for d in rendered.values() for p in d["panels"] for t in p.get("targets", [])}
     texts |= {a["target"]["query"] for d in rendered.values() for a in d["annotations"]["list"]}
     assert texts == queries
+
+
+def _select(label_suffix: str) -> Select:
+    return next(select for _, label, select in QUERIES if label.endswith(label_suffix))
+
+
+def test_newest_pass_without_a_crossing_shows_no_stale_hours_to_alarm(influx: InfluxDServer, influx_db: str) -> None:
+    # Two passes: the first forecasts a crossing in 30 h, the second none, so it writes no
+    # hours_to_alarm at all (docs/measurements.md).
+    spec = SeriesSpec("north-field", "P-101", "bearing_temp", high=70.0, criticality="A")
+    first = pd.Timestamp("2026-01-01T00:00:00Z")
+    passes = [
+        Assessment(spec, first, "ok", flag=Flag.DEGRADING, hours_to_alarm=30.0, p_cross=0.8, model="holt"),
+        Assessment(spec, first + pd.Timedelta(hours=1), "ok", flag=Flag.WATCH, p_cross=0.1, model="holt"),
+    ]
+    admin = Connection(influx.url, influx_db, username=influx.admin.name, password=influx.admin.password)
+    with HistorianWriter(admin, precision="s") as writer:
+        writer.write([health_point(a) for a in passes])
+    span_ms = (int(first.value) // 10**6 - 3_600_000, int(first.value) // 10**6 + 7_200_000)
+    data = PipelineData(influx.url, influx_db, (influx.admin.name, influx.admin.password), *span_ms)
+    reader = InfluxReader(data)
+    variables = {"site": regex_escape("north-field"), "asset": regex_escape("P-101"), "tag": "bearing_temp"}
+
+    def newest(select: Select) -> dict[str, object]:
+        (series,) = reader.series(_render(select, variables, data))
+        (row,) = series["values"]
+        return dict(zip(series["columns"], row, strict=True))
+
+    table = _select("/Degrading assets/A")
+    stale = Select(
+        table.measurement, [Col("hours_to_alarm", "last", "hours_to_alarm")], table.where, group_by=table.group_by
+    )
+    assert newest(stale)["hours_to_alarm"] == 30.0  # what last() per field showed: the first pass's value
+    row = newest(table)
+    assert row["hours_to_alarm"] is None and row["flag_level"] == int(Flag.WATCH) and row["p_cross"] == 0.1
+    stat = newest(_select("/Time to alarm limit/A"))
+    assert stat["hours_to_alarm"] is None and stat["flag_level"] == int(Flag.WATCH)
+
+
+def test_completeness_inputs_merge_per_tag_into_a_ratio_per_asset(
+    reader: InfluxReader, pipeline_data: PipelineData
+) -> None:
+    # The panel's Grafana transformations, emulated: merge A and B on (asset, tag), keep tags with a
+    # rate, sum per asset, completeness = received / (expected_per_hour x range hours).
+    site = load_site(EXAMPLE_SITE)
+    variables = {"site": regex_escape(site.site)}
+    tables = {}
+    for ref in ("A", "B"):
+        select = _select(f"/Completeness per asset (received vs expected)/{ref}")
+        tables[ref] = {
+            (s["tags"]["asset"], s["tags"]["tag"]): s["values"][0][1]
+            for s in reader.series(_render(select, variables, pipeline_data))
+        }
+    received, expected = tables["A"], tables["B"]
+    with_rate = {(a.id, t.name) for a, t in site.iter_tags() if t.source.kind == "opcua" or t.expected_interval_s}
+    assert set(expected) == with_rate and with_rate <= set(received)
+    hours = (pipeline_data.end_ms - pipeline_data.start_ms) / 3_600_000
+    for asset in {asset for asset, _ in expected}:
+        keys = [k for k in expected if k[0] == asset]
+        ratio = sum(received[k] for k in keys) / (sum(expected[k] for k in keys) * hours)
+        # Test telemetry is one value per 10 minutes over 7 of the range's 10 days, against the
+        # OPC UA collector's default of one per second.
+        assert ratio == pytest.approx(6 * 24 * 7 / (3600 * 24 * 10), rel=0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -91,6 +92,8 @@ def analyze(
         period = parse_duration(interval).total_seconds() if interval else None
     except (ConfigError, SiteFileError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if dask_scheduler and importlib.util.find_spec("distributed") is None:
+        raise click.ClickException("--dask-scheduler needs Dask: pip install 'flowline[dask]'")
     metrics = Metrics("analytics", site.site, config.instance)
     while True:
         started = time.monotonic()
@@ -98,7 +101,7 @@ def analyze(
             with _progress(console) as progress:
                 report = run_pass(
                     site, historian, config.analytics, metrics=metrics, workers=workers,
-                    dask_scheduler=dask_scheduler, progress=progress,
+                    dask_scheduler=dask_scheduler, progress=progress, collectors=config.collectors,
                 )
         except HistorianError as exc:
             if period is None:

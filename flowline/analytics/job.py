@@ -29,11 +29,11 @@ from threadpoolctl import threadpool_limits
 
 from flowline.analytics.assess import Assessment, SeriesSpec, assess_series
 from flowline.analytics.rules import AssessmentRules, Flag
-from flowline.config import AnalyticsConfig, HistorianConfig
+from flowline.config import AnalyticsConfig, CollectorsConfig, HistorianConfig, OpcUaCollectorConfig
 from flowline.historian.errors import HistorianError
 from flowline.historian.query import HistorianReader, quote_literal
 from flowline.historian.writer import HistorianWriter
-from flowline.inventory import Site
+from flowline.inventory import Site, Tag
 from flowline.metrics import Metrics
 from flowline.points import Point
 
@@ -192,8 +192,31 @@ def event_point(a: Assessment, previous: Flag) -> Point | None:
     )
 
 
-def inventory_points(site: Site, timestamp_ns: int) -> list[Point]:
+def opcua_default_interval_ms(opcua: OpcUaCollectorConfig | None) -> float:
+    """The OPC UA collector's sampling interval for tags without ``sampling_ms``; 0 ("as fast as the
+    server samples") is bounded in practice by the publishing interval, so that is used instead."""
+    if opcua is None:
+        defaults = OpcUaCollectorConfig.model_fields
+        sampling, publishing = defaults["sampling_interval_ms"].default, defaults["publishing_interval_ms"].default
+    else:
+        sampling, publishing = opcua.sampling_interval_ms, opcua.publishing_interval_ms
+    return float(sampling or publishing)
+
+
+def expected_per_hour(tag: Tag, opcua_interval_ms: float) -> float | None:
+    """Values per hour the tag should deliver, or None when nothing says (MQTT/Sparkplug without
+    ``expected_interval_s``). A deadband makes this an upper bound: unchanged values are not sent."""
+    if tag.expected_interval_s is not None:
+        return 3600.0 / tag.expected_interval_s
+    source = tag.source.opcua
+    if source is None:
+        return None
+    return 3_600_000.0 / (source.sampling_ms or opcua_interval_ms)
+
+
+def inventory_points(site: Site, timestamp_ns: int, opcua: OpcUaCollectorConfig | None = None) -> list[Point]:
     forecast = set((a.id, t.name) for a, t in site.forecast_tags())
+    opcua_interval_ms = opcua_default_interval_ms(opcua)
     points = []
     for asset, tag in site.iter_tags():
         fields: dict[str, float | int | bool | str] = {
@@ -201,6 +224,9 @@ def inventory_points(site: Site, timestamp_ns: int) -> list[Point]:
             "unit": tag.unit or "",
             "forecast": (asset.id, tag.name) in forecast,
         }
+        expected = expected_per_hour(tag, opcua_interval_ms)
+        if expected is not None:
+            fields["expected_per_hour"] = expected
         if tag.alarm is not None and tag.alarm.high is not None:
             fields["alarm_high"] = float(tag.alarm.high)
         if tag.alarm is not None and tag.alarm.low is not None:
@@ -314,8 +340,10 @@ def run_pass(
     workers: int | None = None,
     dask_scheduler: str | None = None,
     progress: Callable[[str, int], Progress] | None = None,
+    collectors: CollectorsConfig | None = None,
 ) -> PassReport:
-    """One assessment pass; ``progress(description, total)`` returns an advance callback."""
+    """One assessment pass; ``progress(description, total)`` returns an advance callback.
+    ``collectors`` gives the default OPC UA sampling for the inventory's ``expected_per_hour``."""
     end = assessment_time(now if now is not None else pd.Timestamp.now(tz="UTC"), analytics.step)
     rules = analytics.assessment_rules()
     specs = series_specs(site)
@@ -337,7 +365,7 @@ def run_pass(
         )
         report = PassReport(end, assessed + failed)
         previous = read_previous_flags(out_reader, site.site, end)
-        points: list[Point] = inventory_points(site, int(end.value))
+        points: list[Point] = inventory_points(site, int(end.value), collectors.opcua if collectors else None)
         for a in report.assessments:
             if metrics is not None:
                 metrics.inc("analytics_series_total", result=a.result)

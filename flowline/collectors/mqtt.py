@@ -42,10 +42,23 @@ class BufferedClient(mqtt.Client):
 
     _rbuf = b""
     _rpos = 0
+    # paho only logs a TLS failure at debug level and reports "Unspecified error": keep it for the collector
+    tls_error: ssl.SSLError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except ssl.SSLError as exc:  # handshake refused (e.g. TLS 1.2 without a client certificate)
+            self.tls_error = exc
+            raise
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(READ_CHUNK)
+            try:
+                data = super()._sock_recv(READ_CHUNK)
+            except ssl.SSLError as exc:  # TLS 1.3 alerts (e.g. certificate required) arrive on the first read
+                self.tls_error = exc
+                raise
             if not data:
                 return data
             self._rbuf, self._rpos = data, 0
@@ -66,7 +79,7 @@ class BufferedClient(mqtt.Client):
 
 
 class MqttCollectorError(RuntimeError):
-    """The MQTT collector cannot start (missing config section, unreadable secret, …)."""
+    """The MQTT collector cannot start or connect (missing config section, unreadable secret, TLS refused)."""
 
 
 class MqttCollector:
@@ -82,12 +95,13 @@ class MqttCollector:
         broker = self.cfg.broker
         self.target = f"mqtt{'s' if broker.tls else ''}://{broker.host}:{broker.port}"
         self.connected = threading.Event()
+        self.last_error: MqttCollectorError | None = None
         self._connections = 0
         self.client = self._make_client()
 
     # --- setup -----------------------------------------------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> BufferedClient:
         broker = self.cfg.broker
         v5 = broker.protocol == "5"
         client = BufferedClient(
@@ -112,6 +126,7 @@ class MqttCollector:
         if self.cfg.sparkplug_host_id:
             client.will_set(self._state_topic(), self._state_payload(False), qos=1, retain=True)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -176,7 +191,24 @@ class MqttCollector:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
         self.metrics.set("connected", 0, target=self.target)
-        log.warning("disconnected from %s: %s; paho reconnects with back-off", self.target, reason)
+        if not self._tls_failed():
+            log.warning("disconnected from %s: %s; paho reconnects with back-off", self.target, reason)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._tls_failed()
+
+    def _tls_failed(self) -> bool:
+        """Log and keep a TLS failure paho swallowed, saying what to check; False if there was none."""
+        exc, self.client.tls_error = self.client.tls_error, None
+        if exc is None:
+            return False
+        self.last_error = MqttCollectorError(
+            f"TLS connection to MQTT broker {self.target} failed: {exc}; check collectors.mqtt.broker.tls: "
+            "ca_file must hold the broker's CA, and a broker that requires client certificates needs "
+            "broker.tls.cert_file and key_file (retrying with back-off)"
+        )
+        log.error("%s", self.last_error)
+        return True
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         points: list[Point] = []

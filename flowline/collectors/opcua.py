@@ -52,6 +52,13 @@ _CERT_REFUSALS = {
     StatusCodes.BadCertificateUriInvalid,
     StatusCodes.BadSecurityChecksFailed,
 }
+# read results that mean the node cannot be polled at all (not a bad value to store)
+_UNREADABLE = {
+    StatusCodes.BadNodeIdUnknown,
+    StatusCodes.BadNodeIdInvalid,
+    StatusCodes.BadAttributeIdInvalid,
+    StatusCodes.BadNotReadable,
+}
 _USER_REFUSALS = {
     StatusCodes.BadUserAccessDenied,
     StatusCodes.BadIdentityTokenInvalid,
@@ -152,6 +159,7 @@ class ServerSession:
         self._pending: list[Point] = []
         self._flush_scheduled = False
         self._history_supported = True
+        self._poll_task: asyncio.Task[None] | None = None  # referenced so the loop cannot drop it
 
     # --- main loop -------------------------------------------------------------------------------
 
@@ -314,19 +322,30 @@ class ServerSession:
                     )  # fmt: skip
         polled = [t for t in self.tags if t.node_id is not None and t.source.poll]
         if polled:
-            asyncio.get_running_loop().create_task(self._poll(client, sub, polled))
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll(client, sub, polled))
 
     async def _poll(self, client: Client, sub: Subscription, tags: list[MonitoredTag]) -> None:
-        """Tags that ask for polling are read at their sampling interval while this session lives."""
+        """Tags that ask for polling are read at their sampling interval while this session lives.
+
+        One Read request per round that does not raise on bad statuses: a bad value is stored like a
+        subscribed one, and a node the server cannot read is rejected once and left out, so neither
+        ends polling for the other tags.
+        """
         interval = min((t.source.sampling_ms or self.cfg.sampling_interval_ms) for t in tags) / 1000
-        nodes = [client.get_node(t.node_id) for t in tags if t.node_id is not None]
-        while self.connected.is_set() and not sub.is_deleted:
+        nodes = [(t, client.get_node(t.node_id)) for t in tags if t.node_id is not None]
+        while nodes and self.connected.is_set() and not sub.is_deleted:
             try:
-                values = await asyncio.gather(*(n.read_data_value() for n in nodes))
+                values = await client.read_attributes([n for _, n in nodes])
             except (TimeoutError, UaError, OSError):
-                return
-            for tag, dv in zip(tags, values, strict=True):
-                self._accept(tag, dv)
+                return  # the session is failing: the keep-alive watchdog reconnects and polling restarts
+            readable = []
+            for (tag, node), dv in zip(nodes, values, strict=True):
+                if dv.StatusCode is not None and dv.StatusCode.value in _UNREADABLE:
+                    self._reject(tag, dv, Rejected("unknown_node", f"cannot poll: {dv.StatusCode.name}"))
+                else:
+                    readable.append((tag, node))
+                    self._accept(tag, dv)
+            nodes = readable
             self._schedule_flush()
             await asyncio.sleep(max(interval, 0.05))
 

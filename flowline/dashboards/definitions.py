@@ -48,6 +48,11 @@ FLAG_STEPS = thresholds((None, "green"), (1, "yellow"), (2, "orange"), (3, "red"
 DASHED: JSON = {"fill": "dash", "dash": [10, 10]}
 DOTTED: JSON = {"fill": "dot", "dash": [0, 10]}
 COLOR_CELL: JSON = {"type": "color-background"}
+NO_CROSSING: JSON = {
+    "type": "special",
+    "options": {"match": "null", "result": {"text": "no crossing", "color": "green", "index": 0}},
+}
+COMPLETENESS_STEPS = thresholds((None, "red"), (0.9, "orange"), (0.98, "green"))
 
 # Key production quantities on the operations centre, matched on the inventory's tag names.
 PRODUCTION_QUANTITIES: tuple[tuple[str, str, str], ...] = (
@@ -56,6 +61,59 @@ PRODUCTION_QUANTITIES: tuple[tuple[str, str, str], ...] = (
     ("Temperature", "temp", "celsius"),
     ("Power", "power|current|load", "none"),
 )
+
+
+def _field(name: str) -> JSON:
+    return {"matcher": {"id": "byName", "options": name}}
+
+
+def _binary(alias: str, left: JSON, operator: str, right: JSON) -> JSON:
+    return {
+        "id": "calculateField",
+        "options": {
+            "mode": "binary",
+            "alias": alias,
+            "binary": {"left": left, "operator": operator, "right": right},
+            "replaceFields": False,
+        },
+    }
+
+
+# Received (A) and expected_per_hour (B) per tag, merged on (asset, tag); only tags with a stated
+# rate count, so an asset's unknown-rate MQTT tags do not inflate its ratio. Then summed per asset:
+# expected = per hour / 3600 x the range in seconds, completeness = received / expected. InfluxQL
+# cannot sum the per-tag last() values without a subquery, so Grafana does it.
+COMPLETENESS_TRANSFORMS: list[JSON] = [
+    {"id": "organize", "options": {"excludeByName": {"Time": True}}},
+    {"id": "merge", "options": {}},
+    {
+        "id": "filterByValue",
+        "options": {
+            "type": "include",
+            "match": "any",
+            "filters": [{"fieldName": "expected_per_hour", "config": {"id": "isNotNull", "options": {}}}],
+        },
+    },
+    {
+        "id": "groupBy",
+        "options": {
+            "fields": {
+                "asset": {"operation": "groupby", "aggregations": []},
+                "received": {"operation": "aggregate", "aggregations": ["sum"]},
+                "expected_per_hour": {"operation": "aggregate", "aggregations": ["sum"]},
+            }
+        },
+    },
+    {
+        "id": "organize",
+        "options": {"renameByName": {"received (sum)": "received", "expected_per_hour (sum)": "expected_per_hour"}},
+    },
+    _binary("expected_per_s", _field("expected_per_hour"), "/", {"fixed": "3600"}),
+    _binary("expected", _field("expected_per_s"), "*", {"fixed": "${__range_s}"}),
+    _binary("completeness", _field("received"), "/", _field("expected")),
+    {"id": "organize", "options": {"excludeByName": {"expected_per_s": True}}},
+    {"id": "sortBy", "options": {"sort": [{"field": "completeness", "desc": False}]}},
+]
 
 
 def _links() -> list[JSON]:
@@ -103,6 +161,12 @@ def _drilldown_link(with_tag: bool) -> JSON:
     return data_link("Drill down into ${__data.fields.asset}", url + "&${__url_time_range}")
 
 
+def _latest_row(cols: Sequence[Col], where: Sequence[Match], by: Sequence[str] = ()) -> Select:
+    """The newest ``asset_health`` row per series (``ORDER BY time DESC LIMIT 1``, per group in
+    InfluxQL on 1.x and 3.x), so fields the newest pass left out read as empty."""
+    return Select("asset_health", cols, where, group_by=by, order_desc=True, limit=1)
+
+
 def _colored(column: str, steps: JSON) -> JSON:
     return override(column, thresholds=steps, color={"mode": "thresholds"}, **{"custom.cellOptions": COLOR_CELL})
 
@@ -118,18 +182,19 @@ def reliability() -> Dashboard:
         where=(SITE,),
         group_by=("site", "asset", "criticality"),
     )
-    degrading = Select(
-        "asset_health",
+    # Each series' newest whole row, not last() per field: a pass that forecasts no crossing writes
+    # no hours_to_alarm, and last("hours_to_alarm") would show an older pass's value instead.
+    degrading = _latest_row(
         [
-            Col("flag_level", "last", "flag_level"),
-            Col("flag", "last", "flag"),
-            Col("hours_to_alarm", "last", "hours_to_alarm"),
-            Col("p_cross", "last", "p_cross"),
-            Col("trend_per_day", "last", "trend_per_day"),
-            Col("health_score", "last", "health"),
+            Col("flag_level"),
+            Col("flag"),
+            Col("hours_to_alarm"),
+            Col("p_cross"),
+            Col("trend_per_day"),
+            Col("health_score", alias="health"),
         ],
-        where=(SITE,),
-        group_by=("site", "asset", "tag", "criticality"),
+        (SITE,),
+        ("site", "asset", "tag", "criticality"),
     )
     drill = (SITE, ASSET, TAG)
     items: list[Panel | Row] = [
@@ -233,16 +298,15 @@ def reliability() -> Dashboard:
             "Time to alarm limit",
             "stat",
             [
-                Target(
-                    Select(
-                        "asset_health",
-                        [Col("hours_to_alarm", "last", "hours_to_alarm")],
-                        drill,
-                    )
-                )
+                # flag_level is always written: it makes InfluxDB return the newest row even when
+                # that row has no hours_to_alarm (a lone field skips rows where it is missing).
+                Target(_latest_row([Col("hours_to_alarm"), Col("flag_level")], drill))
             ],
             width=4,
             unit="h",
+            description="From the newest assessment; 'no crossing' when it forecasts none within the horizon.",
+            mappings=[NO_CROSSING],
+            options={"reduceOptions": {"calcs": ["last"], "fields": "/^hours_to_alarm$/", "values": False}},
             thresholds=thresholds((None, "red"), (24, "orange"), (72, "yellow"), (168, "green")),
         ),
         Panel(
@@ -525,23 +589,18 @@ def pipeline() -> Dashboard:
             description="Values received per interval and asset; a drop to zero is a gap.",
         ),
         Panel(
-            "Received vs expected per tag",
+            "Completeness per asset (received vs expected)",
             "table",
             [
                 Target(
-                    Select(
-                        "telemetry",
-                        [Col("quality", "count", "received")],
-                        (SITE,),
-                        group_by=("asset", "tag"),
-                    ),
+                    Select("telemetry", [Col("quality", "count", "received")], (SITE,), group_by=("asset", "tag")),
                     "A",
                     result_format="table",
                 ),
                 Target(
                     Select(
                         "inventory",
-                        [Col("name", "last", "asset_name")],
+                        [Col("expected_per_hour", "last", "expected_per_hour")],
                         (SITE,),
                         group_by=("asset", "tag"),
                     ),
@@ -550,15 +609,14 @@ def pipeline() -> Dashboard:
                 ),
             ],
             width=12,
+            decimals=2,
             description=(
-                "Every tag of the inventory (expected) next to the values received in the range; an empty "
-                "'received' means the tag sent nothing."
+                "Values received in the range per asset against what its tags should send (inventory "
+                "expected_per_hour x range), counting only tags whose rate is known (OPC UA sampling or "
+                "the site file's expected_interval_s)."
             ),
-            # Drop the per-query time column so the merge joins the two tables on (asset, tag).
-            transformations=[
-                {"id": "organize", "options": {"excludeByName": {"Time": True}}},
-                {"id": "merge", "options": {}},
-            ],
+            overrides=[_colored("completeness", COMPLETENESS_STEPS)],
+            transformations=COMPLETENESS_TRANSFORMS,
         ),
         Panel(
             "Analytics series assessed",

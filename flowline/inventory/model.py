@@ -119,6 +119,9 @@ class Tag(_Strict):
     forecast: bool = False
     # Normal operating value (datasheet design point): what a healthy signal hovers around.
     normal: float | None = None
+    # Seconds between the values the source should send, for data completeness. MQTT and Sparkplug
+    # publish at the sender's pace, so only the site file can say; OPC UA defaults to its sampling.
+    expected_interval_s: float | None = Field(default=None, gt=0)
 
 
 class Asset(_Strict):
