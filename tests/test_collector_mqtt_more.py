@@ -1,4 +1,4 @@
-"""MQTT collector against a Mosquitto that requires client certificates (mutual TLS)."""
+"""MQTT collector TLS: a Mosquitto requiring client certificates (mutual TLS), refusals with clear errors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from flowline.collectors.mqtt import MqttCollector
+from flowline.config import FlowlineConfig
 from flowline.pki import CertFiles, CertificateAuthority
 from flowline.services import MosquittoServer, TlsFiles, wait_until
 from tests.collectors_helpers import publisher, telemetry, write_config, write_site
@@ -63,16 +64,30 @@ def test_client_certificate_connects_and_delivers(
         collector.stop()
 
 
+def _refusal(config: FlowlineConfig) -> str:
+    """Run a collector until it reports a TLS failure; the error message."""
+    collector = MqttCollector(config)
+    collector.start()
+    try:
+        wait_until(lambda: collector.last_error is not None, 15, "the TLS refusal")
+        assert not collector.connected.is_set()
+        message = str(collector.last_error)
+        assert collector.target in message and "collectors.mqtt.broker.tls" in message, message
+        return message
+    finally:
+        collector.stop()
+
+
 def test_missing_client_certificate_is_refused_with_a_clear_error(
     tmp_path: Path, mtls_broker: MosquittoServer, pki: CertificateAuthority
 ) -> None:
     config = write_config(tmp_path, write_site(tmp_path), _mtls_section(mtls_broker, pki.files.cert, None))
-    collector = MqttCollector(config)
-    collector.start()
-    try:
-        wait_until(lambda: collector.last_error is not None, 15, "the broker's refusal")
-        message = str(collector.last_error)
-        assert collector.target in message and "broker.tls.cert_file" in message, message
-        assert not collector.connected.is_set()
-    finally:
-        collector.stop()
+    message = _refusal(config)
+    assert "certificate required" in message and "broker.tls.cert_file" in message, message
+
+
+def test_untrusted_broker_certificate_is_refused_with_a_clear_error(tmp_path: Path, mosquitto: MosquittoServer) -> None:
+    other_ca = CertificateAuthority(tmp_path / "other-ca")
+    config = write_config(tmp_path, write_site(tmp_path), _mqtt_section(mosquitto.tls_port, other_ca.files.cert))
+    message = _refusal(config)  # refused in the handshake itself (paho's on_connect_fail path)
+    assert "CERTIFICATE_VERIFY_FAILED" in message and "ca_file" in message, message
