@@ -274,8 +274,8 @@ class LocalStack:
         self.stage("relay-ot", ["relay", "ot", "--config", config], "READY").start()
         if self.options.simulate:
             self.stage("sim", self.sim_args(), "READY").start()
-        self.stage("collect-opcua", ["collect", "opcua", "--config", config], "collector running").start()
-        self.stage("collect-mqtt", ["collect", "mqtt", "--config", config], "collector running").start()
+        self.stage("collect-opcua", ["collect", "opcua", "--config", config], "READY").start()
+        self.stage("collect-mqtt", ["collect", "mqtt", "--config", config], "READY").start()
 
     def start(self, backfill: bool = True) -> None:
         self.prepare()

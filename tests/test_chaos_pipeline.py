@@ -157,7 +157,7 @@ def test_chaos_on_the_mqtt_ingest_path(chaos_stack: tuple[LocalStack, CuttableTc
         "sender": stack.stage(
             "relay-ot", ["relay", "ot", "--config", str(ot_config_through(stack, proxy.port))], "READY"
         ),
-        "collector": stack.stage("collect-mqtt", ["collect", "mqtt", "--config", config], "collector running"),
+        "collector": stack.stage("collect-mqtt", ["collect", "mqtt", "--config", config], "READY"),
     }
     for stage in stages.values():
         stage.start()

@@ -46,6 +46,7 @@ def _run(make: type[_Collector], config: FlowlineConfig, name: str) -> None:
         signal.signal(sig, lambda *_: stop.set())
     collector.start()
     click.echo(f"{name} collector running; spool {config.spool_dir(name)} (Ctrl-C to stop)", err=True)
+    print(f"READY collector-{name} spool {config.spool_dir(name)}", flush=True)  # for supervisors, like every stage
     m = collector.metrics
     while not stop.wait(STATUS_EVERY_S):
         click.echo(
