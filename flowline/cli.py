@@ -1,15 +1,116 @@
-"""The single entry point, ``flowline``. Each package contributes its own command group."""
+"""The single entry point, ``flowline``. Each package contributes its own command group.
+
+The groups are imported only when they run: their modules pull in asyncua, pandas, statsmodels and
+scipy, which would make ``flowline --help`` (and every other command) pay seconds of imports for
+code it does not use. `LazyGroup` lists them from `COMMANDS` instead, with their one-line help.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import Any, NamedTuple
 
 import click
 
 from flowline import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class LazyCommand(NamedTuple):
+    """Where a command lives ("package.module:attr") and its one-line help for ``flowline --help``.
+
+    ``short_help`` must be the first sentence of the command's docstring (a test checks it).
+    """
+
+    target: str
+    short_help: str
+
+
+COMMANDS: dict[str, LazyCommand] = {
+    "analyze": LazyCommand(
+        "flowline.analytics.cli:analyze",
+        "Assess every forecast tag: forecasts, time to alarm limit, health flags, written to InfluxDB.",
+    ),
+    "assets": LazyCommand(
+        "flowline.inventory.cli:assets",
+        "The asset inventory: validate the site file, discover unknown signals.",
+    ),
+    "collect": LazyCommand(
+        "flowline.collectors.cli:collect",
+        "OT collectors (OPC UA, MQTT): subscribe, map to site tags, append to the OT spool.",
+    ),
+    "dashboards": LazyCommand(
+        "flowline.dashboards.cli:dashboards",
+        "Grafana dashboards as code: export the JSON, or provision a Grafana through its API.",
+    ),
+    "demo": LazyCommand(
+        "flowline.demo:demo",
+        "Run the whole pipeline on this machine and report what landed and which assets are degrading.",
+    ),
+    "detect": LazyCommand(
+        "flowline.analytics.cli:detect",
+        "Score a CSV series row by row, causally: each row's score uses only that row and earlier ones.",
+    ),
+    "historian": LazyCommand(
+        "flowline.historian.cli:historian",
+        "The InfluxDB historian: set-up, rollups, dead letters.",
+    ),
+    "relay": LazyCommand(
+        "flowline.relay.cli:relay",
+        "OT sender and DMZ gateway (mutual TLS, signed batches), writer, and strict diode mode.",
+    ),
+    "sim": LazyCommand(
+        "flowline.sim.cli:sim",
+        "Plant simulator: an OPC UA server and an MQTT publisher with realistic, partly degrading assets.",
+    ),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands in ``lazy`` are imported on first use."""
+
+    def __init__(self, *args: Any, lazy: dict[str, LazyCommand], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            module, _, attr = self.lazy[cmd_name].target.partition(":")
+            command = getattr(importlib.import_module(module), attr)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{self.lazy[cmd_name].target} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``--help`` without importing the commands (same layout as click's)."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            loaded = self.commands.get(name)
+            if loaded is None:
+                # click's own shortening, applied to the help text kept in the mapping
+                text = click.Command(name, help=self.lazy[name].short_help).get_short_help_str(limit)
+            elif loaded.hidden:
+                continue
+            else:
+                text = loaded.get_short_help_str(limit)
+            rows.append((name, text))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 @click.version_option(__version__, prog_name="flowline")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -24,21 +125,3 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _register() -> None:
-    # Imported here so that `flowline --help` lists every group; each module owns its commands.
-    from flowline.analytics.cli import analyze, detect
-    from flowline.collectors.cli import collect
-    from flowline.dashboards.cli import dashboards
-    from flowline.demo import demo
-    from flowline.historian.cli import historian
-    from flowline.inventory.cli import assets
-    from flowline.relay.cli import relay
-    from flowline.sim.cli import sim
-
-    for command in (analyze, assets, collect, dashboards, demo, detect, historian, relay, sim):
-        main.add_command(command)
-
-
-_register()

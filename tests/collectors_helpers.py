@@ -90,3 +90,13 @@ def publisher(port: int, user: str, password: str, client_id: str = "") -> mqtt.
     client.connect("127.0.0.1", port)
     client.loop_start()
     return client
+
+
+def varint(n: int) -> bytes:
+    """Base-128 varint, least significant group first: MQTT's remaining length and protobuf's varint."""
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)

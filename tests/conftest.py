@@ -10,12 +10,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
 from flowline.pki import CertFiles, CertificateAuthority
-from flowline.services import InfluxDServer, ManagedProcess, MosquittoServer, TlsFiles
+from flowline.services import InfluxDServer, ManagedProcess, MosquittoServer, TlsFiles, wait_until
+
+if TYPE_CHECKING:
+    from flowline.collectors.mqtt import MqttCollector
+    from flowline.config import FlowlineConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -115,3 +119,22 @@ def mosquitto(
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def run_collector() -> Iterator[Callable[[FlowlineConfig], MqttCollector]]:
+    """Start MQTT collectors that are stopped after the test; waits until each is connected."""
+    from flowline.collectors.mqtt import MqttCollector
+
+    started: list[MqttCollector] = []
+
+    def start(config: FlowlineConfig) -> MqttCollector:
+        collector = MqttCollector(config)
+        collector.start()
+        started.append(collector)
+        wait_until(collector.connected.is_set, 15, "collector connected")
+        return collector
+
+    yield start
+    for collector in started:
+        collector.stop()

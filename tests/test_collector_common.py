@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
 from flowline.collectors.common import DeadLetter, SpoolSink
 from flowline.metrics import Metrics
-from flowline.points import TagRef, telemetry_point
+from flowline.points import Point, TagRef, telemetry_point
 from flowline.services import wait_until
 from flowline.spool import SpoolReader, SpoolWriter, decode_points
 
@@ -38,6 +39,46 @@ def test_full_spool_holds_input_loudly_and_loses_nothing(tmp_path: Path) -> None
     writer.close()
     assert values == [float(i) for i in range(100)] and acked == list(range(100))
     assert metrics.counter("points_out_total") == 100
+
+
+def test_queue_is_bounded_in_points_and_try_submit_drops_loudly(tmp_path: Path) -> None:
+    # room for about two 100-point records: then the spool is full and the writer thread holds
+    writer = SpoolWriter(tmp_path / "spool", max_bytes=20_000, segment_bytes=10_000, fsync=False)
+    metrics = Metrics("collector-test", "s", "i")
+    sink = SpoolSink(writer, metrics, "test", max_points=100, max_latency_s=0.01, max_queued_points=250).start()
+    ref = TagRef("s", "A", "t")
+    now = time.time_ns()
+
+    def batch(k: int) -> list[Point]:
+        return [telemetry_point(ref, float(k * 100 + j), now) for j in range(100)]
+
+    submitted: list[int] = []
+
+    def produce() -> None:
+        for k in range(20):
+            sink.submit(batch(k))
+            submitted.append(k)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    wait_until(lambda: metrics.counter("spool_full_total", spool="test") >= 1, 10, "spool full reported")
+    wait_until(lambda: not sink.try_submit(batch(99)), 10, "the queue full")
+    assert metrics.counter("dropped_total", reason="queue_full") == 100  # counted, never silent
+    assert len(submitted) < 20  # the producer is held by the bound, not queueing without limit
+    reader = SpoolReader(tmp_path / "spool")
+    values: list[float] = []
+
+    def drain() -> bool:
+        for record in reader.read(max_records=100):
+            values.extend(float(p.fields["value"]) for p in decode_points(record.payload))
+            reader.ack(record.end)
+        return len(values) >= 2000
+
+    wait_until(drain, 30, "every submitted point through the full spool")
+    producer.join(10)
+    sink.stop()
+    writer.close()
+    assert sorted(values) == [float(i) for i in range(2000)]  # the refused try_submit batch is not there
 
 
 def test_dead_letter_file_is_bounded_and_rotates(tmp_path: Path) -> None:

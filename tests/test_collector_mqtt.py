@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,22 +51,6 @@ def _mqtt_section(port: int, tls_ca: Path | None = None, protocol: str = "5", **
 @pytest.fixture(autouse=True)
 def _password_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWLINE_TEST_MQTT_PASSWORD", MQTT_PASSWORD)
-
-
-@pytest.fixture
-def run_collector() -> Iterator[Callable[[FlowlineConfig], MqttCollector]]:
-    started: list[MqttCollector] = []
-
-    def start(config: FlowlineConfig) -> MqttCollector:
-        collector = MqttCollector(config)
-        collector.start()
-        started.append(collector)
-        wait_until(collector.connected.is_set, 15, "collector connected")
-        return collector
-
-    yield start
-    for collector in started:
-        collector.stop()
 
 
 def _values(points: list[Any], tag: str) -> list[float]:
@@ -228,6 +212,26 @@ def test_ms_timestamps_and_non_finite_helpers() -> None:
     assert parse_timestamp(1_700_000_000.25) == 1_700_000_000_250_000_000
     assert parse_timestamp("2023-11-14T22:13:20.5+00:00") == 1_700_000_000_500_000_000
     assert math.isclose(parse_timestamp(1_700_000_000_000_000) / 1e9, 1_700_000_000)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "says"),
+    [
+        (b'{"value": NaN}', "not_finite", "NaN"),
+        (b"[1, Infinity]", "not_finite", "Infinity"),
+        (b'{"value": 1', "invalid_json", "line 1 column"),
+        (b"\xff\xfe", "invalid_json", "not UTF-8"),
+        (b'{"value": "\\ud800"}', "invalid_json", "surrogate"),  # Python reads it, UTF-8 cannot carry it
+    ],
+)
+def test_refused_json_says_exactly_why(payload: bytes, reason: str, says: str) -> None:
+    from flowline.collectors.common import Rejected
+    from flowline.collectors.mqtt_json import TopicTarget, decode_json
+    from flowline.points import TagRef
+
+    with pytest.raises(Rejected) as refused:
+        decode_json(payload, [TopicTarget(TagRef("s", "a", "t"), None)], 3600)
+    assert refused.value.reason == reason and says in str(refused.value)
 
 
 def test_shared_subscription_splits_the_stream_between_replicas(

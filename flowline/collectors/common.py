@@ -115,11 +115,13 @@ def check_finite(value: float) -> float:
 @dataclass
 class _Item:
     points: Sequence[Point]
-    on_durable: Callable[[], None] | None
+    on_durable: Callable[[], object] | None
+    reserved: int = 0  # room taken in the bounded queue (metric items take none)
 
 
 class SpoolSink:
-    """Group commit to a spool on a writer thread; bounded queue so producers feel back-pressure.
+    """Group commit to a spool on a writer thread; the queue is bounded in points (not in items, which
+    may be one value or a thousand messages) so producers feel back-pressure and memory stays bounded.
 
     A full spool is never silent: every refused append is logged and counted
     (``flowline_spool_full_total``), and the batch is retried until it fits, holding the producers.
@@ -132,14 +134,17 @@ class SpoolSink:
         spool_name: str,
         max_points: int,
         max_latency_s: float,
-        max_queued: int = 100_000,
+        max_queued_points: int = 200_000,
     ) -> None:
         self.writer = writer
         self.metrics = metrics
         self.spool_name = spool_name
         self.max_points = max_points
         self.max_latency_s = max_latency_s
-        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=max_queued)
+        self.max_queued_points = max_queued_points
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._room = threading.Condition()
+        self._queued_points = 0
         self._thread = threading.Thread(target=self._run, name=f"spool-{spool_name}", daemon=True)
         self._stopping = threading.Event()
 
@@ -147,27 +152,36 @@ class SpoolSink:
         self._thread.start()
         return self
 
-    def submit(self, points: Sequence[Point], on_durable: Callable[[], None] | None = None) -> None:
+    def submit(self, points: Sequence[Point], on_durable: Callable[[], object] | None = None) -> None:
         """Queue points (blocks while the queue is full); ``on_durable`` runs once they are in the spool."""
-        self._queue.put(_Item(points, on_durable))
+        size = max(1, len(points))  # an item without points (rejected messages to ack) still takes room
+        self._reserve(size, block=True)
+        self._queue.put(_Item(points, on_durable, size))
 
     def try_submit(self, points: Sequence[Point]) -> bool:
         """Non-blocking submit for event-loop callers; False (and counted) when the queue is full."""
-        try:
-            self._queue.put_nowait(_Item(points, None))
-        except queue.Full:
+        size = max(1, len(points))
+        if not self._reserve(size, block=False):
             self.metrics.inc("points_in_total", len(points))
             self.metrics.inc("dropped_total", len(points), reason="queue_full")
             log.error("collector queue full: %d points dropped (spool writer cannot keep up)", len(points))
             return False
+        self._queue.put(_Item(points, None, size))
         return True
 
     def submit_metrics(self, points: Sequence[Point]) -> None:
-        """Queue the collector's own metric points (not counted as telemetry input)."""
+        """Queue the collector's own metric points (not counted as telemetry input, nor bounded: few)."""
         self._queue.put(_Item(points, None))
 
-    def queued(self) -> int:
-        return self._queue.qsize()
+    def _reserve(self, count: int, block: bool) -> bool:
+        """Room for ``count`` points; an item larger than the bound still goes in when the queue is empty."""
+        with self._room:
+            while self._queued_points and self._queued_points + count > self.max_queued_points:
+                if not block:
+                    return False
+                self._room.wait()
+            self._queued_points += count
+            return True
 
     def _run(self) -> None:
         """Group commit: a batch ends when the queue is empty, at max points, or after max latency.
@@ -227,6 +241,9 @@ class SpoolSink:
         for item in batch:
             if item.on_durable is not None:
                 item.on_durable()
+        with self._room:
+            self._queued_points -= sum(item.reserved for item in batch)
+            self._room.notify_all()
 
     def stop(self) -> None:
         """Flush everything queued so far, then stop the writer thread."""

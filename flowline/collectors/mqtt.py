@@ -1,9 +1,13 @@
 """MQTT collector (paho-mqtt 2.x): plain JSON topics and Sparkplug B, QoS 1, persistent session.
 
-A QoS 1 message is acknowledged to the broker (PUBACK, paho manual acks) only after its points are
-durable in the spool, or after it was rejected and written to the dead-letter file. Killing the
-collector at any moment therefore loses nothing: the broker redelivers what was not acknowledged
-(persistent session: fixed client id, ``clean_start`` false, session expiry on MQTT 5).
+A QoS 1 message is acknowledged to the broker (PUBACK) only after its points are durable in the
+spool, or after it was rejected and written to the dead-letter file. Killing the collector at any
+moment therefore loses nothing: the broker redelivers what was not acknowledged (persistent
+session: fixed client id, ``clean_start`` false, session expiry on MQTT 5).
+
+Messages arrive in batches, one per socket read (`FastClient`, mqtt_client.py): a batch's points
+go to the spool as one item and its PUBACKs leave in one write once that item is durable. QoS 2
+messages take paho's own path (``on_message``), which keeps the exactly-once handshake.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import logging
 import ssl
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from flowline.collectors.common import CollectorRuntime, Rejected
+from flowline.collectors.mqtt_client import FastClient, Publish
 from flowline.collectors.mqtt_json import TopicMap, decode_json
 from flowline.collectors.sparkplug import NAMESPACE, RejectedWithRebirth, SparkplugHost, rebirth_payload
 from flowline.config import FlowlineConfig, MqttCollectorConfig
@@ -28,54 +34,7 @@ from flowline.points import Point
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 65536
 SESSION_EXPIRY_S = 7 * 86400  # how long the broker keeps our queued messages while we are down
-
-
-class BufferedClient(mqtt.Client):
-    """paho-mqtt client that reads the socket 64 KiB at a time (twice the bare message rate here).
-
-    paho 2.x reads each packet with several small ``recv`` calls and one ``select`` per packet; this
-    serves those reads from a buffer and keeps parsing while buffered bytes remain. It overrides
-    paho's private ``_sock_recv``/``_sock_close``/``loop_read`` (checked against paho-mqtt 2.1-2.2).
-    """
-
-    _rbuf = b""
-    _rpos = 0
-    # paho only logs a TLS failure at debug level and reports "Unspecified error": keep it for the collector
-    tls_error: ssl.SSLError | None = None
-
-    def reconnect(self) -> MQTTErrorCode:
-        try:
-            return super().reconnect()
-        except ssl.SSLError as exc:  # handshake refused (e.g. TLS 1.2 without a client certificate)
-            self.tls_error = exc
-            raise
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= len(self._rbuf):
-            try:
-                data = super()._sock_recv(READ_CHUNK)
-            except ssl.SSLError as exc:  # TLS 1.3 alerts (e.g. certificate required) arrive on the first read
-                self.tls_error = exc
-                raise
-            if not data:
-                return data
-            self._rbuf, self._rpos = data, 0
-        end = self._rpos + bufsize
-        chunk = self._rbuf[self._rpos : end]
-        self._rpos = min(end, len(self._rbuf))
-        return chunk
-
-    def _sock_close(self) -> None:
-        super()._sock_close()
-        self._rbuf, self._rpos = b"", 0  # bytes of a dead connection must never reach the next one
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf) and self._sock is not None:
-            rc = super().loop_read(max_packets)
-        return rc
 
 
 class MqttCollectorError(RuntimeError):
@@ -95,16 +54,17 @@ class MqttCollector:
         broker = self.cfg.broker
         self.target = f"mqtt{'s' if broker.tls else ''}://{broker.host}:{broker.port}"
         self.connected = threading.Event()
+        self._stopping = False
         self.last_error: MqttCollectorError | None = None
         self._connections = 0
         self.client = self._make_client()
 
     # --- setup -----------------------------------------------------------------------------------
 
-    def _make_client(self) -> BufferedClient:
+    def _make_client(self) -> FastClient:
         broker = self.cfg.broker
         v5 = broker.protocol == "5"
-        client = BufferedClient(
+        client = FastClient(
             CallbackAPIVersion.VERSION2,
             client_id=broker.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -128,7 +88,8 @@ class MqttCollector:
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_publish_batch = self._on_publish_batch
+        client.on_message = self._on_message  # QoS 2 only: paho keeps its exactly-once state
         return client
 
     def _state_topic(self) -> str:
@@ -165,6 +126,7 @@ class MqttCollector:
 
     def stop(self) -> None:
         """Flush and acknowledge what is queued, then leave (unacknowledged messages stay at the broker)."""
+        self._stopping = True
         self.runtime.stop()
         if self.cfg.sparkplug_host_id and self.connected.is_set():
             self.client.publish(self._state_topic(), self._state_payload(False), qos=1, retain=True).wait_for_publish(5)
@@ -191,7 +153,9 @@ class MqttCollector:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
         self.metrics.set("connected", 0, target=self.target)
-        if not self._tls_failed():
+        if self._stopping:
+            log.info("disconnected from %s", self.target)
+        elif not self._tls_failed():
             log.warning("disconnected from %s: %s; paho reconnects with back-off", self.target, reason)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -210,30 +174,37 @@ class MqttCollector:
         log.error("%s", self.last_error)
         return True
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_publish_batch(self, batch: list[Publish]) -> None:
+        """QoS 0/1 messages of one socket read: their points go to the spool as one item, and the
+        QoS 1 ones are acknowledged together once that item is durable."""
         points: list[Point] = []
+        for message in batch:
+            points += self._decode_or_reject(message.topic, message.payload)
+        mids = [message.mid for message in batch if message.qos]
+        if points or mids:
+            self.runtime.sink.submit(points, partial(self.client.ack_many, mids) if mids else None)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        points = self._decode_or_reject(msg.topic, bytes(msg.payload))
+        mid, qos = msg.mid, msg.qos
+        self.runtime.sink.submit(points, partial(client.ack, mid, qos))
+
+    def _decode_or_reject(self, topic: str, payload: bytes) -> list[Point]:
+        """A message's points, or none when it is rejected (logged, counted, dead-lettered)."""
         try:
-            points = self.decode(msg.topic, bytes(msg.payload))
+            return self.decode(topic, payload)
         except RejectedWithRebirth as exc:
-            self._reject(exc, msg)
+            self._reject(exc, topic, payload)
             self._rebirth(exc.result.rebirth_topic)
         except Rejected as exc:
-            self._reject(exc, msg)
+            self._reject(exc, topic, payload)
         except Exception as exc:  # one odd message must not stop paho's network thread
-            log.exception("unexpected error decoding a message on %r", msg.topic)
-            self._reject(Rejected("bad_payload", f"{type(exc).__name__}: {exc}"), msg)
-        if msg.qos > 0:
-            mid, qos = msg.mid, msg.qos
+            log.exception("unexpected error decoding a message on %r", topic)
+            self._reject(Rejected("bad_payload", f"{type(exc).__name__}: {exc}"), topic, payload)
+        return []
 
-            def ack() -> None:
-                client.ack(mid, qos)
-
-            self.runtime.sink.submit(points, ack)
-        else:
-            self.runtime.sink.submit(points)
-
-    def _reject(self, exc: Rejected, msg: mqtt.MQTTMessage) -> None:
-        self.runtime.rejects.reject(exc.reason, f"topic {msg.topic!r}", str(exc), bytes(msg.payload))
+    def _reject(self, exc: Rejected, topic: str, payload: bytes) -> None:
+        self.runtime.rejects.reject(exc.reason, f"topic {topic!r}", str(exc), payload)
 
     def _rebirth(self, topic: str | None) -> None:
         if topic is not None:
@@ -251,6 +222,8 @@ class MqttCollector:
                 self.metrics.inc("sequence_gaps_total", sender=edge)
                 log.warning("Sparkplug sequence gap from %s", edge)
             self._rebirth(result.rebirth_topic)
+            for bad_metric in result.rejects:
+                self._reject(bad_metric, topic, payload)
             for address in self.host.unknown:
                 self.runtime.rejects.unknown_source("sparkplug", address)
             self.host.unknown.clear()
@@ -259,4 +232,4 @@ class MqttCollector:
         if not targets:
             self.runtime.rejects.unknown_source("mqtt", topic)
             raise Rejected("unknown_topic", "no site tag for this topic")
-        return list(decode_json(payload, targets, self.cfg.timestamp_window_s))
+        return decode_json(payload, targets, self.cfg.timestamp_window_s)

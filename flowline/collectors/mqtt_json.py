@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from flowline.collectors.common import Rejected, check_finite, check_timestamp
 from flowline.inventory import Site
@@ -126,9 +127,21 @@ def _reject_constant(name: str) -> float:
     raise Rejected("not_finite", f"value {name} is not a finite number")
 
 
-# NaN/Infinity are not JSON; Python accepts them, so refuse them explicitly. One decoder for all
-# messages: json.loads with an argument builds a new one per call (a quarter of the decode time).
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# orjson decodes (five times faster than the standard library); the standard decoder only runs on
+# payloads orjson refused, to say exactly why: NaN/Infinity are not JSON, but Python reads them.
+_EXPLAINER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _refusal(payload: bytes, orjson_error: orjson.JSONDecodeError) -> Rejected:
+    try:
+        _EXPLAINER.decode(payload.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return Rejected("invalid_json", f"payload is not UTF-8: {exc}")
+    except json.JSONDecodeError as exc:
+        return Rejected("invalid_json", f"invalid JSON: {exc}")
+    except Rejected as exc:
+        return exc
+    return Rejected("invalid_json", f"invalid JSON: {orjson_error}")  # e.g. a lone surrogate escape
 
 
 def _sample(item: Any, target: TopicTarget, now_ns: int, window_s: float) -> Point:
@@ -148,16 +161,12 @@ def _sample(item: Any, target: TopicTarget, now_ns: int, window_s: float) -> Poi
     return telemetry_point(target.ref, scalar(item), ts_ns, quality, status)
 
 
-def decode_json(payload: bytes, targets: list[TopicTarget], window_s: float) -> Iterator[Point]:
+def decode_json(payload: bytes, targets: list[TopicTarget], window_s: float) -> list[Point]:
     """Points in one JSON message for its topic's targets; raise `Rejected` on the first bad value."""
     try:
-        document = _DECODER.decode(payload.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise Rejected("invalid_json", f"payload is not UTF-8: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise Rejected("invalid_json", f"invalid JSON: {exc}") from exc
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise _refusal(payload, exc) from exc
     now_ns = time.time_ns()
     items = document if isinstance(document, list) else [document]
-    for item in items:
-        for target in targets:
-            yield _sample(item, target, now_ns, window_s)
+    return [_sample(item, target, now_ns, window_s) for item in items for target in targets]

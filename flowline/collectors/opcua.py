@@ -33,6 +33,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
+from flowline.collectors import opcua_deadband
 from flowline.collectors.common import CollectorRuntime, Rejected, check_timestamp
 from flowline.collectors.opcua_security import OpcUaSecurityError, apply_security
 from flowline.config import FlowlineConfig, OpcUaCollectorConfig, OpcUaEndpoint
@@ -271,19 +272,16 @@ class ServerSession:
             return DEFAULT_ITEMS_PER_CALL
         return int(limit) if limit else DEFAULT_ITEMS_PER_CALL
 
-    def _request(self, handle: int, tag: MonitoredTag) -> ua.MonitoredItemCreateRequest:
+    def _request(self, handle: int, tag: MonitoredTag, deadband: bool = True) -> ua.MonitoredItemCreateRequest:
         src = tag.source
         params = ua.MonitoringParameters()
         params.ClientHandle = handle
         params.SamplingInterval = src.sampling_ms if src.sampling_ms is not None else self.cfg.sampling_interval_ms
         params.QueueSize = self.cfg.queue_size
         params.DiscardOldest = True
-        if src.deadband_abs is not None or src.deadband_pct is not None:
-            params.Filter = ua.DataChangeFilter(
-                Trigger=ua.DataChangeTrigger.StatusValue,
-                DeadbandType=ua.DeadbandType.Absolute if src.deadband_abs is not None else ua.DeadbandType.Percent,
-                DeadbandValue=src.deadband_abs if src.deadband_abs is not None else float(src.deadband_pct or 0),
-            )
+        data_change_filter = opcua_deadband.deadband_filter(src) if deadband else None
+        if data_change_filter is not None:
+            params.Filter = data_change_filter
         request = ua.MonitoredItemCreateRequest()
         request.ItemToMonitor = ua.ReadValueId(NodeId=tag.node_id, AttributeId=AttributeIds.Value)
         request.MonitoringMode = ua.MonitoringMode.Reporting
@@ -307,22 +305,39 @@ class ServerSession:
         self._by_handle = {}
         monitored = [t for t in self.tags if t.node_id is not None and not t.source.poll]
         per_call = await self._items_per_call(client)
+        opcua_deadband.warn_without_eurange(
+            self.metrics, self.name, await opcua_deadband.without_eurange(client, monitored, per_call)
+        )
         for start in range(0, len(monitored), per_call):
-            chunk = monitored[start : start + per_call]
-            requests = [self._request(start + i + 1, tag) for i, tag in enumerate(chunk)]
-            self._by_handle.update((start + i + 1, tag) for i, tag in enumerate(chunk))
-            results = await sub.create_monitored_items(requests)
-            for i, result in enumerate(results):
-                if isinstance(result, ua.StatusCode):
-                    tag = chunk[i]
-                    self._by_handle.pop(start + i + 1, None)
-                    self.runtime.rejects.reject(
-                        "unknown_node", f"server {self.name} node {tag.node_id.to_string() if tag.node_id else '?'}",
-                        f"{tag.ref.asset}/{tag.ref.tag}: cannot monitor: {result.name}",
-                    )  # fmt: skip
+            await self._create_items(sub, list(enumerate(monitored[start : start + per_call], start + 1)))
         polled = [t for t in self.tags if t.node_id is not None and t.source.poll]
         if polled:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll(client, sub, polled))
+
+    async def _create_items(
+        self, sub: Subscription, items: list[tuple[int, MonitoredTag]], deadband: bool = True
+    ) -> None:
+        """Create (handle, tag) items; those whose deadband filter is refused are re-created without it."""
+        self._by_handle.update(items)
+        requests = [self._request(handle, tag, deadband) for handle, tag in items]
+        results = await sub.create_monitored_items(requests)
+        refused: dict[str, list[tuple[int, MonitoredTag]]] = {}  # by status name
+        for (handle, tag), request, result in zip(items, requests, results, strict=True):
+            if not isinstance(result, ua.StatusCode):
+                continue
+            if result.value in opcua_deadband.FILTER_REFUSALS and isinstance(
+                request.RequestedParameters.Filter, ua.DataChangeFilter
+            ):
+                refused.setdefault(result.name, []).append((handle, tag))
+                continue
+            self._by_handle.pop(handle, None)
+            self.runtime.rejects.reject(
+                "unknown_node", f"server {self.name} node {tag.node_id.to_string() if tag.node_id else '?'}",
+                f"{tag.ref.asset}/{tag.ref.tag}: cannot monitor: {result.name}",
+            )  # fmt: skip
+        for status, again in refused.items():
+            opcua_deadband.refused(self.metrics, self.name, status, [tag for _, tag in again])
+            await self._create_items(sub, again, deadband=False)
 
     async def _poll(self, client: Client, sub: Subscription, tags: list[MonitoredTag]) -> None:
         """Tags that ask for polling are read at their sampling interval while this session lives.

@@ -54,6 +54,16 @@ class OpcUaSource(_Strict):
             raise ValueError("give 'node' or 'browse_path'")
         return self
 
+    @model_validator(mode="after")
+    def _one_deadband(self) -> OpcUaSource:
+        # A monitored item carries one DataChangeFilter with one deadband type: both cannot apply.
+        if self.deadband_abs is not None and self.deadband_pct is not None:
+            raise ValueError(
+                "give either 'deadband_abs' (engineering units) or 'deadband_pct' (percent of the node's "
+                "EURange), not both"
+            )
+        return self
+
 
 class MqttSource(_Strict):
     """A plain MQTT topic carrying JSON."""
