@@ -12,6 +12,7 @@ from flowline.metrics import Metrics
 from flowline.points import Point, TagRef, telemetry_point
 from flowline.services import wait_until
 from flowline.spool import SpoolReader, SpoolWriter, decode_points
+from tests.conftest import REPO
 
 
 def test_full_spool_holds_input_loudly_and_loses_nothing(tmp_path: Path) -> None:
@@ -89,3 +90,12 @@ def test_dead_letter_file_is_bounded_and_rotates(tmp_path: Path) -> None:
     assert (tmp_path / "dl.jsonl.1").stat().st_size <= 2000
     entries = [json.loads(line) for line in dead.path.read_text().splitlines()]
     assert entries[-1]["where"] == "topic t/49" and entries[-1]["payload_b64"] == "/wA="
+
+
+def test_collectors_sample_config_is_valid() -> None:
+    from flowline.config import load_config
+
+    config = load_config(REPO / "flowline" / "collectors" / "collectors.sample.yaml")
+    assert config.collectors.opcua is not None and config.collectors.mqtt is not None
+    assert config.collectors.opcua.servers["default"].security.policy == "Basic256Sha256"
+    assert config.collectors.mqtt.qos == 1 and not config.collectors.mqtt.clean_start
