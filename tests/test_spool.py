@@ -15,7 +15,18 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from flowline.spool import Position, SpoolFullError, SpoolLockedError, SpoolReader, SpoolWriter, encode_record
+from flowline.points import Point
+from flowline.spool import (
+    Position,
+    SpoolError,
+    SpoolFullError,
+    SpoolLockedError,
+    SpoolReader,
+    SpoolWriter,
+    decode_points,
+    encode_points,
+    encode_record,
+)
 
 # --- reference model -------------------------------------------------------------------------------
 
@@ -96,6 +107,17 @@ TestSpoolModel.settings = settings(
 
 
 # --- cold start, locking, limits -------------------------------------------------------------------
+
+
+def test_point_records_are_compressed_and_old_json_records_still_read() -> None:
+    tags = [{"site": "s", "asset": "A", "tag": f"t{i % 7}"} for i in range(500)]
+    points = [Point("telemetry", tag, {"value": i / 3}, i) for i, tag in enumerate(tags)]
+    record = encode_points(points)
+    assert record[:1] == b"\x78" and decode_points(record) == points
+    wire = b'[["m",{"a":"b"},{"v":1.5},7]]'  # as written before compression
+    assert decode_points(wire) == [Point("m", {"a": "b"}, {"v": 1.5}, 7)]
+    with pytest.raises(SpoolError, match="not a point record"):
+        decode_points(b"garbage")
 
 
 def test_cold_start(tmp_path: Path) -> None:

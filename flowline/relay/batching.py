@@ -18,7 +18,7 @@ import orjson
 
 from flowline.relay.acceptor import atomic_write_json
 from flowline.relay.body import BodyBuilder
-from flowline.spool import Position, SpoolReader, SpoolRecord
+from flowline.spool import Position, SpoolError, SpoolReader, SpoolRecord, points_json
 
 log = logging.getLogger("flowline.relay.ot")
 
@@ -46,15 +46,18 @@ class _Parts:
     sizes: dict[str, int] = field(default_factory=dict)
 
     def add(self, name: str, record: SpoolRecord) -> None:
+        text = b""
         try:
-            items = orjson.loads(record.payload)
-        except orjson.JSONDecodeError:
+            text = points_json(record.payload)
+            items = orjson.loads(text)
+        except (SpoolError, orjson.JSONDecodeError):
             items = None
         if isinstance(items, list):
             self.body.add_wire(items)
         else:  # CRC-intact but not wire points: a producer bug, never something to forward
             log.error("spool %s: record at %s is not a list of wire points; skipped", name, record.position)
-        self.sizes[name] = self.sizes.get(name, 0) + len(record.payload)
+        # counted uncompressed: batch_max_bytes bounds what the batch carries, not what it took on disk
+        self.sizes[name] = self.sizes.get(name, 0) + max(len(text), len(record.payload))
 
     @property
     def size(self) -> int:
