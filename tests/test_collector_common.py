@@ -11,17 +11,24 @@ from flowline.collectors.common import DeadLetter, SpoolSink
 from flowline.metrics import Metrics
 from flowline.points import Point, TagRef, telemetry_point
 from flowline.services import wait_until
-from flowline.spool import SpoolReader, SpoolWriter, decode_points
+from flowline.spool import SpoolReader, SpoolWriter, decode_points, encode_points
 from tests.conftest import REPO
 
 
+def _record_bytes(points: list[Point]) -> int:
+    """What a record of these points takes in a spool (compressed payload and its header)."""
+    return len(encode_points(points)) + 8
+
+
 def test_full_spool_holds_input_loudly_and_loses_nothing(tmp_path: Path) -> None:
-    writer = SpoolWriter(tmp_path / "spool", max_bytes=4096, segment_bytes=1024, fsync=False)
+    ref = TagRef("s", "A", "t")
+    now = time.time_ns()
+    record = _record_bytes([telemetry_point(ref, float(i), now + i) for i in range(10)])
+    # room for about two 10-point records, one per segment
+    writer = SpoolWriter(tmp_path / "spool", max_bytes=record * 5 // 2, segment_bytes=record, fsync=False)
     metrics = Metrics("collector-test", "s", "i")
     sink = SpoolSink(writer, metrics, "test", max_points=10, max_latency_s=0.01).start()
-    ref = TagRef("s", "A", "t")
     acked: list[int] = []
-    now = time.time_ns()
     for i in range(100):
         sink.submit([telemetry_point(ref, float(i), now + i)], lambda i=i: acked.append(i))  # type: ignore[misc]
     wait_until(lambda: metrics.counter("spool_full_total", spool="test") >= 1, 10, "spool full reported")
@@ -43,15 +50,17 @@ def test_full_spool_holds_input_loudly_and_loses_nothing(tmp_path: Path) -> None
 
 
 def test_queue_is_bounded_in_points_and_try_submit_drops_loudly(tmp_path: Path) -> None:
-    # room for about two 100-point records: then the spool is full and the writer thread holds
-    writer = SpoolWriter(tmp_path / "spool", max_bytes=20_000, segment_bytes=10_000, fsync=False)
-    metrics = Metrics("collector-test", "s", "i")
-    sink = SpoolSink(writer, metrics, "test", max_points=100, max_latency_s=0.01, max_queued_points=250).start()
     ref = TagRef("s", "A", "t")
     now = time.time_ns()
 
     def batch(k: int) -> list[Point]:
         return [telemetry_point(ref, float(k * 100 + j), now) for j in range(100)]
+
+    # room for about two 100-point records: then the spool is full and the writer thread holds
+    record = _record_bytes(batch(0))
+    writer = SpoolWriter(tmp_path / "spool", max_bytes=record * 5 // 2, segment_bytes=record * 2, fsync=False)
+    metrics = Metrics("collector-test", "s", "i")
+    sink = SpoolSink(writer, metrics, "test", max_points=100, max_latency_s=0.01, max_queued_points=250).start()
 
     submitted: list[int] = []
 

@@ -31,7 +31,7 @@ from paho.mqtt.enums import MQTTErrorCode
 
 READ_CHUNK = 65536
 _PUBLISH, _PUBACK = 0x30, 0x40
-_QOS2_BITS = 0x04
+_QOS_HIGH_BIT = 0x04  # set for QoS 2 and for the invalid QoS 3: both are paho's to handle
 _PUBACK_PACKET = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id
 
 
@@ -67,7 +67,7 @@ def split_publishes(buf: bytearray, pos: int, mqtt5: bool) -> tuple[list[Publish
     end = len(buf)
     while pos < end:
         header = buf[pos]
-        if header & 0xF0 != _PUBLISH or header & 0x06 == _QOS2_BITS or header & 0x06 == 0x06:
+        if header & 0xF0 != _PUBLISH or header & _QOS_HIGH_BIT:
             break
         length = _varint(buf, pos + 1, end)
         if length is None:
