@@ -20,6 +20,21 @@ def _record_bytes(points: list[Point]) -> int:
     return len(encode_points(points)) + 8
 
 
+def _drain(spool: Path, count: int) -> list[float]:
+    """Read and acknowledge the spool, as the relay would, until ``count`` values came through."""
+    reader = SpoolReader(spool)
+    values: list[float] = []
+
+    def more() -> bool:
+        for record in reader.read(max_records=100):
+            values.extend(float(p.fields["value"]) for p in decode_points(record.payload))
+            reader.ack(record.end)
+        return len(values) >= count
+
+    wait_until(more, 30, f"{count} values through the full spool")
+    return values
+
+
 def test_full_spool_holds_input_loudly_and_loses_nothing(tmp_path: Path) -> None:
     ref = TagRef("s", "A", "t")
     now = time.time_ns()
@@ -33,16 +48,7 @@ def test_full_spool_holds_input_loudly_and_loses_nothing(tmp_path: Path) -> None
         sink.submit([telemetry_point(ref, float(i), now + i)], lambda i=i: acked.append(i))  # type: ignore[misc]
     wait_until(lambda: metrics.counter("spool_full_total", spool="test") >= 1, 10, "spool full reported")
     assert len(acked) < 100  # held back, not acknowledged, not dropped
-    reader = SpoolReader(tmp_path / "spool")
-    values: list[float] = []
-
-    def drain() -> bool:
-        for record in reader.read(max_records=100):
-            values.extend(float(p.fields["value"]) for p in decode_points(record.payload))
-            reader.ack(record.end)
-        return len(values) == 100
-
-    wait_until(drain, 30, "every point through the full spool")
+    values = _drain(tmp_path / "spool", 100)
     sink.stop()
     writer.close()
     assert values == [float(i) for i in range(100)] and acked == list(range(100))
@@ -75,16 +81,7 @@ def test_queue_is_bounded_in_points_and_try_submit_drops_loudly(tmp_path: Path) 
     wait_until(lambda: not sink.try_submit(batch(99)), 10, "the queue full")
     assert metrics.counter("dropped_total", reason="queue_full") == 100  # counted, never silent
     assert len(submitted) < 20  # the producer is held by the bound, not queueing without limit
-    reader = SpoolReader(tmp_path / "spool")
-    values: list[float] = []
-
-    def drain() -> bool:
-        for record in reader.read(max_records=100):
-            values.extend(float(p.fields["value"]) for p in decode_points(record.payload))
-            reader.ack(record.end)
-        return len(values) >= 2000
-
-    wait_until(drain, 30, "every submitted point through the full spool")
+    values = _drain(tmp_path / "spool", 2000)
     producer.join(10)
     sink.stop()
     writer.close()
