@@ -43,7 +43,7 @@ def main() -> None:
         pd.DataFrame({"time": index.strftime("%Y-%m-%dT%H:%M:%SZ"), "value": values}).to_csv(path, index=False)
         out = Path(tmp) / "scored.csv"
         t0 = time.perf_counter()
-        score_csv(str(path), "time", "value", settings).to_csv(out)
+        score_csv(str(path), "time", "value", settings)[0].to_csv(out)
         csv_s = time.perf_counter() - t0
     figures: dict[str, float | int | str] = {
         "rows": n,

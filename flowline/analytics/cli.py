@@ -1,4 +1,9 @@
-"""``flowline analyze`` (the scheduled assessment job) and ``flowline detect`` (causal CSV scoring)."""
+"""``flowline analyze`` (the scheduled assessment job) and ``flowline detect`` (causal CSV scoring).
+
+Only click is imported at module level: pandas, scipy, statsmodels and rich cost seconds to import
+and ``flowline detect --help`` (or a typo in an option) must answer at once. Each command imports
+what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,21 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import pandas as pd
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from flowline.analytics.detect import DetectorSettings, score_csv
-from flowline.analytics.job import PassReport, historian_section, parse_duration, run_pass
-from flowline.config import ConfigError, load_config
-from flowline.historian.errors import HistorianError
-from flowline.inventory.loader import SiteFileError
-from flowline.metrics import Metrics
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flowline.analytics.job import PassReport
 
 
 def ranked_table(report: PassReport) -> Table:
     """The ranked degrading-asset table the job and the demo print."""
+    from rich.table import Table
+
     table = Table(title=f"Assets at WATCH or worse, {report.assessed_at:%Y-%m-%d %H:%M} UTC")
     for col in ("asset", "tag", "flag", "health", "hours to alarm", "p_cross", "trend/day", "risk", "model"):
         table.add_column(col)
@@ -45,6 +48,8 @@ def ranked_table(report: PassReport) -> Table:
 
 @contextmanager
 def _progress(console: Console) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
@@ -82,6 +87,14 @@ def analyze(
       flowline analyze --config flowline.yaml --every 15m --workers 4
       flowline analyze --config flowline.yaml --once --dask-scheduler tcp://10.0.0.5:8786
     """
+    from rich.console import Console
+
+    from flowline.analytics.job import historian_section, parse_duration, run_pass
+    from flowline.config import ConfigError, load_config
+    from flowline.historian.errors import HistorianError
+    from flowline.inventory.loader import SiteFileError
+    from flowline.metrics import Metrics
+
     # Piped output (logs, the demo) must not squeeze asset names into "P-1…": give it room.
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
@@ -137,25 +150,37 @@ def analyze(
 @click.option("--alarm-low", type=float, default=None, help="Low alarm limit.")
 @click.option("--span", type=float, default=144.0, show_default=True, help="Smoothing span in rows.")
 @click.option("--horizon-hours", type=float, default=168.0, show_default=True)
+@click.option(
+    "--fix-time-order", is_flag=True,
+    help="Sort rows by time and keep the last row of each repeated timestamp (counted and reported); "
+    "without it such an export is refused.",
+)
 def detect(
     csv_path: str, time_col: str, value_col: str, out_path: str | None, alarm_high: float | None,
-    alarm_low: float | None, span: float, horizon_hours: float,
+    alarm_low: float | None, span: float, horizon_hours: float, fix_time_order: bool,
 ) -> None:
     """Score a CSV series row by row, causally: each row's score uses only that row and earlier ones.
 
-    Adds level, trend_per_hour, sigma, anomaly, hours_to_alarm, score (0-1) and flag
-    (OK/WATCH/DEGRADING/CRITICAL) to every row.
+    Adds level, trend_per_hour, sigma, anomaly, hours_to_alarm, surprise, false_alerts_per_week,
+    score (0-1) and flag (OK/WATCH/DEGRADING/CRITICAL) to every row. Non-numeric and empty values
+    are scored as missing and counted on stderr.
 
     \b
     Examples:
       flowline detect --csv p101.csv --time-col time --value-col value --alarm-high 7.1 --out scored.csv
-      flowline detect --csv export.csv --time-col ts --value-col vib | tail
+      flowline detect --csv merged.csv --time-col ts --value-col vib --fix-time-order | tail
     """
+    import pandas as pd
+
+    from flowline.analytics.detect import DetectorSettings, score_csv
+
     settings = DetectorSettings(span=span, horizon_hours=horizon_hours, alarm_high=alarm_high, alarm_low=alarm_low)
     try:
-        scored = score_csv(csv_path, time_col, value_col, settings)
-    except (ValueError, pd.errors.ParserError) as exc:
+        scored, report = score_csv(csv_path, time_col, value_col, settings, fix_time_order=fix_time_order)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise click.ClickException(str(exc)) from exc
+    for line in report.lines():
+        click.echo(line, err=True)
     if out_path is None:
         scored.to_csv(sys.stdout)
         return

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
-from scipy.special import erf
+from scipy.special import erf, log_ndtr
 
 from flowline.analytics.rules import Flag
 
@@ -50,6 +50,12 @@ class DetectorSettings:
     season_days: float = 3.0  # memory of the per-hour-of-day profile, in cycles
     alarm_high: float | None = None
     alarm_low: float | None = None
+    # Surprise (tags with or without limits): a fast level, a long-memory robust noise scale, one
+    # alert per episode; see `surprise`.
+    surprise_span: float = 50.0  # rows of the level the next value is compared with
+    surprise_memory: float = 3000.0  # rows of the robust noise scale (slow: a fault must not become noise)
+    realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
+    watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
 def _ewma(x: np.ndarray, alpha: float, first: float) -> np.ndarray:
@@ -93,6 +99,70 @@ def _causal_profile(x: np.ndarray, t_ns: np.ndarray, settings: DetectorSettings,
     mean_before = np.zeros(len(x))
     mean_before[1:] = table_sum[:-1] / math.ceil(period_h)
     return profile - mean_before
+
+
+def _prior(x: np.ndarray) -> np.ndarray:
+    """The value known before each row (row 0 gets its own)."""
+    out = np.empty_like(x)
+    out[0] = x[0]
+    out[1:] = x[:-1]
+    return out
+
+
+def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(surprise, alert) per row, causal. ``surprise`` = -log10 of the two-sided normal probability of
+    the row's deviation from the level of the rows before it, in units of a robust noise scale (mean
+    absolute deviation x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows, known before
+    the row). ``alert`` is the surprise where it is higher than every surprise of the previous
+    ``realert_hours`` and 0 elsewhere: one alert per episode (a level shift surprises for many rows;
+    an operator wants to hear about it once, and a new, bigger one still alerts)."""
+    n = len(x)
+    level = _ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0])
+    err = x - _prior(level)
+    mad = _prior(_ewma(np.abs(err), 2.0 / (settings.surprise_memory + 1.0), abs(err[1]) if n > 1 else 0.0))
+    scale = np.maximum(mad * math.sqrt(math.pi / 2), 1e-9 * (np.abs(level) + 1.0))
+    z = np.abs(err) / scale
+    value = -(math.log(2.0) + log_ndtr(-z)) / math.log(10.0)
+    value[0] = 0.0
+    # Running maximum over the previous realert window, by time: a monotone deque would be O(n) too,
+    # but a window count per row keeps it vectorised with a sparse table of maxima.
+    start = np.searchsorted(t_ns, t_ns - settings.realert_hours * 3.6e12, side="left")
+    previous = _window_max(value, start)
+    alert = np.where(value > previous, value, 0.0)
+    return value, alert
+
+
+def _window_max(v: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """max(v[start[i]:i]) per row (-inf when empty), by a sparse table: O(n log n), no Python loop per row."""
+    n = len(v)
+    out = np.full(n, -np.inf)
+    length = np.arange(n) - start
+    has = length > 0
+    if not has.any():
+        return out
+    table = [v]
+    k = 1
+    while 2 * k <= int(length.max()):
+        prev = table[-1]
+        table.append(np.maximum(prev[:-k], prev[k:]))
+        k *= 2
+    idx = np.nonzero(has)[0]
+    lvl = np.floor(np.log2(length[idx])).astype(int)
+    span = 1 << lvl
+    for j in np.unique(lvl):
+        rows = idx[lvl == j]
+        t = table[j]
+        left = t[start[rows]]
+        right = t[rows - span[lvl == j]]
+        out[rows] = np.maximum(left, right)
+    return out
+
+
+def false_alerts_per_week(surprise_level: float | np.ndarray, rows_per_hour: float | np.ndarray) -> np.ndarray:
+    """The nominal false-alert rate of a tag thresholded at ``surprise_level``: p x rows per week under
+    Gaussian noise, at most one per ``realert_hours`` window in practice (an alert needs a new high).
+    Real noise has heavier tails than Gaussian: bench/nab.py and the tests measure the real rate."""
+    return np.asarray(10.0 ** -np.asarray(surprise_level, dtype=float) * np.asarray(rows_per_hour) * 168.0)
 
 
 def score_series(times: pd.DatetimeIndex | np.ndarray, values: np.ndarray, settings: DetectorSettings) -> pd.DataFrame:
@@ -156,19 +226,26 @@ def score_series(times: pd.DatetimeIndex | np.ndarray, values: np.ndarray, setti
     hours[beyond] = 0.0
 
     horizon = settings.horizon_hours
-    excess = np.clip((anomaly - 0.99) / 0.01, 0, 1)
-    score = np.maximum(np.where(np.isfinite(hours), np.exp(-hours / horizon), 0.0), 0.5 * excess)
+    to_per_hour = np.where(dt_h > 0, 1.0 / np.where(dt_h > 0, dt_h, 1.0), 0.0)
+    surprised, alert = surprise(t_ns, x, settings)
+    # Half the scale for surprises: a trend to a limit within the horizon always ranks above them.
+    score = np.maximum(
+        np.where(np.isfinite(hours), np.exp(-hours / horizon), 0.0),
+        0.5 * np.clip(alert / (2 * settings.watch_surprise), 0, 1),
+    )
     flag = np.full(n, int(Flag.OK))
-    flag[(hours <= settings.watch_horizons * horizon) | (anomaly >= settings.anomaly_watch)] = int(Flag.WATCH)
+    flag[(hours <= settings.watch_horizons * horizon) | (alert >= settings.watch_surprise)] = int(Flag.WATCH)
     flag[hours <= horizon] = int(Flag.DEGRADING)
     flag[hours <= settings.critical_hours] = int(Flag.CRITICAL)
-    to_per_hour = np.where(dt_h > 0, 1.0 / np.where(dt_h > 0, dt_h, 1.0), 0.0)
     return pd.DataFrame(
         {
             "level": level,
             "trend_per_hour": trend * to_per_hour,
             "sigma": sigma,
             "anomaly": anomaly,
+            "surprise": surprised,
+            "alert": alert,
+            "false_alerts_per_week": false_alerts_per_week(surprised, to_per_hour),
             "hours_to_alarm": np.where(np.isfinite(hours), hours, np.nan),
             "score": np.clip(score, 0, 1),
             "flag_level": flag,
@@ -178,21 +255,97 @@ def score_series(times: pd.DatetimeIndex | np.ndarray, values: np.ndarray, setti
     )
 
 
-def score_csv(path: str, time_col: str, value_col: str, settings: DetectorSettings) -> pd.DataFrame:
-    """Read a CSV export and score it; raises `ValueError` naming the missing column or bad rows."""
-    frame = pd.read_csv(path)
+@dataclass(frozen=True)
+class ExportReport:
+    """What reading a CSV export found and changed; `flowline detect` prints it."""
+
+    rows_read: int
+    rows_scored: int
+    out_of_order: int = 0  # rows that came earlier in time than a row before them in the file
+    duplicates_dropped: int = 0  # rows removed because a later row had the same timestamp
+    non_numeric: int = 0  # values present but not numbers (e.g. "Bad", "#N/A"): scored as missing
+    empty: int = 0  # empty values: scored as missing
+    first_non_numeric: str = ""  # e.g. "line 7: 'Bad'"
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.out_of_order or self.duplicates_dropped:
+            out.append(
+                f"--fix-time-order: sorted {self.out_of_order} out-of-order row(s), "
+                f"dropped {self.duplicates_dropped} row(s) with a repeated timestamp (the last one in the file kept)"
+            )
+        if self.non_numeric:
+            out.append(
+                f"{self.non_numeric} non-numeric value(s) scored as missing (first at {self.first_non_numeric})"
+            )
+        if self.empty:
+            out.append(f"{self.empty} empty value(s) scored as missing")
+        return out
+
+
+def read_export(
+    path: str, time_col: str, value_col: str, *, fix_time_order: bool = False
+) -> tuple[pd.DatetimeIndex, np.ndarray, ExportReport]:
+    """Times (UTC) and float values of a CSV export; raises `ValueError` naming the problem.
+
+    Rows must be in strictly increasing time order: a causal score depends on the order of the rows,
+    and a repeated timestamp is usually a daylight-saving repeat in local time or two merged files,
+    where silently keeping one row loses data. ``fix_time_order`` sorts the rows (stable) and keeps
+    the last row of each repeated timestamp; the report counts both.
+    """
+    frame = pd.read_csv(path, dtype={value_col: str}, keep_default_na=False)
     for col in (time_col, value_col):
         if col not in frame.columns:
             raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, frame.columns))})")
-    times = pd.to_datetime(frame[time_col], utc=True, errors="coerce")
+    rows_read = len(frame)
+    times = pd.to_datetime(frame[time_col], utc=True, errors="coerce", format="mixed")
     bad = times.isna()
     if bad.any():
         row = int(np.argmax(bad.to_numpy())) + 2  # +1 header, +1 one-based
         raise ValueError(f"{path}: line {row}: cannot parse time {frame[time_col].iloc[row - 2]!r}")
-    if not times.is_monotonic_increasing:
-        raise ValueError(f"{path}: column {time_col!r} is not in time order; sort the export first")
-    values = pd.to_numeric(frame[value_col], errors="coerce").to_numpy(dtype=float)
-    scored = score_series(pd.DatetimeIndex(times), values, settings)
+    text = frame[value_col].astype(str).str.strip()
+    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
+    empty = (text == "") | text.str.lower().isin(("nan", "na", "null", "none"))
+    non_numeric = np.isnan(values) & ~empty.to_numpy()
+    first_bad = ""
+    if non_numeric.any():
+        i = int(np.argmax(non_numeric))
+        first_bad = f"line {i + 2}: {text.iloc[i]!r}"
+    t_ns = times.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    steps = np.diff(t_ns)
+    out_of_order = duplicates = 0
+    if (steps <= 0).any():
+        i = int(np.argmax(steps <= 0)) + 1
+        what = "repeats" if steps[i - 1] == 0 else "goes back to"
+        if not fix_time_order:
+            raise ValueError(
+                f"{path}: line {i + 2}: time {what} {frame[time_col].iloc[i]!r} (line {i + 1}: "
+                f"{frame[time_col].iloc[i - 1]!r}). Rows must be in increasing time order: a causal score "
+                "depends on it, and a repeated time (a daylight-saving repeat in local time, merged files) "
+                "may be real data that de-duplicating would drop. Export in UTC if you can; "
+                "--fix-time-order sorts and keeps the last row per timestamp, and reports what it changed"
+            )
+        running_max = np.maximum.accumulate(t_ns)
+        out_of_order = int(np.sum(t_ns[1:] < running_max[:-1]))
+        order = np.argsort(t_ns, kind="stable")
+        t_sorted = t_ns[order]
+        keep = np.ones(len(order), dtype=bool)
+        keep[:-1] = t_sorted[1:] != t_sorted[:-1]  # the last of each run of equal times
+        duplicates = int((~keep).sum())
+        order = order[keep]
+        t_ns, values = t_ns[order], values[order]
+    report = ExportReport(
+        rows_read, len(values), out_of_order, duplicates, int(non_numeric.sum()), int(empty.sum()), first_bad
+    )
+    return pd.DatetimeIndex(pd.to_datetime(t_ns, utc=True)), values, report
+
+
+def score_csv(
+    path: str, time_col: str, value_col: str, settings: DetectorSettings, *, fix_time_order: bool = False
+) -> tuple[pd.DataFrame, ExportReport]:
+    """Read a CSV export (`read_export`) and score it; raises `ValueError` naming the missing column or bad rows."""
+    times, values, report = read_export(path, time_col, value_col, fix_time_order=fix_time_order)
+    scored = score_series(times, values, settings)
     scored.insert(0, value_col, values)
     scored.index.name = time_col
-    return scored
+    return scored, report
