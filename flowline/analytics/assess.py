@@ -306,9 +306,12 @@ def _backtest(states: pd.DataFrame, phi: float, z: np.ndarray, log: bool, hv: in
     return _Backtest(float(np.sqrt(np.mean((pred - actual) ** 2))), errors)
 
 
-def _fit(prep: _Prepared, scr: _Screen, rules: AssessmentRules, n_h: int, n_ext: int) -> tuple[_Forecast, np.ndarray]:
-    """Fit the candidates, choose by rolling-origin multi-step error; return the forecast and the
-    chosen model's one-step residuals."""
+def _fit(
+    prep: _Prepared, scr: _Screen, rules: AssessmentRules, n_h: int, n_ext: int
+) -> tuple[_Forecast, np.ndarray, list[_Forecast]]:
+    """Fit the candidates, choose by rolling-origin multi-step error; return the forecast, the
+    chosen model's one-step residuals and the other plausible models' forecasts (backtest error
+    within ``plausible_factor`` of the best)."""
     from statsmodels.tsa.exponential_smoothing.ets import ETSModel
     from statsmodels.tsa.seasonal import STL
 
@@ -331,7 +334,7 @@ def _fit(prep: _Prepared, scr: _Screen, rules: AssessmentRules, n_h: int, n_ext:
         # Exponential growth (and power laws, nearly) is a straight line on the log scale: the
         # accelerating rise of wear that a linear trend extrapolates too slowly.
         candidates.append(("log-holt", False, True))
-    best: tuple[_Backtest, str, bool, Any] | None = None
+    fitted: list[tuple[_Backtest, str, bool, Any]] = []
     with warnings.catch_warnings():
         # Convergence chatter from the optimiser; a poor fit loses on forecast error anyway.
         warnings.simplefilter("ignore")
@@ -345,11 +348,11 @@ def _fit(prep: _Prepared, scr: _Screen, rules: AssessmentRules, n_h: int, n_ext:
                 continue
             phi = float(res.params[list(res.param_names).index("damping_trend")]) if damped else 1.0
             bt = _backtest(res.states, phi, z, log, hv, origins)
-            if math.isfinite(bt.rmse) and (best is None or bt.rmse < best[0].rmse):
-                best = (bt, name, log, res)
-    if best is None:
+            if math.isfinite(bt.rmse):
+                fitted.append((bt, name, log, res))
+    if not fitted:
         raise AssessmentError("no model converged")
-    bt, name, log, res = best
+    bt, name, log, res = min(fitted, key=lambda f: f[0].rmse)
     frame = res.get_prediction(start=n, end=n + n_ext - 1).summary_frame(alpha=1 - rules.interval)
     z_crit = stats.norm.ppf(0.5 + rules.interval / 2)
     centre = frame["mean"].to_numpy(dtype=float)
@@ -358,7 +361,102 @@ def _fit(prep: _Prepared, scr: _Screen, rules: AssessmentRules, n_h: int, n_ext:
     # before it shows in the model's own intervals: widen them by the measured excess.
     sd = sd * bt.calibration(sd)
     resid = np.asarray(res.resid, dtype=np.float64)
-    return _Forecast(prefix + name, centre, sd, future, log), resid
+    chosen = _Forecast(prefix + name, centre, sd, future, log)
+    # The other plausible trajectories: the ETS models and a quadratic in time over the trend window
+    # (acceleration that the log scale under-states when the signal rises from a non-zero baseline).
+    plausible = [
+        _Forecast(prefix + f_name, np.asarray(f_res.forecast(n_ext), dtype=float), sd, future, f_log)
+        for f_bt, f_name, f_log, f_res in fitted
+        if f_bt.rmse <= rules.plausible_factor * bt.rmse and f_name != name
+    ]
+    window = max(6, round(rules.trend_window_hours / prep.step_h))
+    for label, other in (("quadratic", _quadratic(adj, window, hv, origins, n_ext)),
+                         ("exp-baseline", _exp_baseline(adj, 2 * window, hv, origins, n_ext))):
+        if other is not None and other[0] <= rules.plausible_factor * bt.rmse:
+            plausible.append(_Forecast(prefix + label, other[1], sd, future))
+    return chosen, resid, plausible
+
+
+_EXP_RATES = np.linspace(-4.0, 4.0, 81)  # per window length: up to 55-fold growth over a window
+
+
+def _exp_fit(y: np.ndarray, future: np.ndarray) -> np.ndarray:
+    """Least-squares ``c + a exp(b x)`` (x = 0..1 over ``y``) evaluated at ``future`` (same units):
+    for a fixed rate ``b`` it is a straight-line fit on exp(b x), closed form for every rate of a
+    grid at once (the error surface in b can have several minima; a grid does not get stuck)."""
+    x = np.arange(len(y), dtype=float) / len(y)
+    rates = _EXP_RATES[np.abs(_EXP_RATES) > 1e-9]
+    e = np.exp(rates[:, None] * x[None, :])
+    ec = e - e.mean(axis=1, keepdims=True)
+    yc = y - y.mean()
+    sxx = np.einsum("ij,ij->i", ec, ec)
+    sxy = ec @ yc
+    sse = float(yc @ yc) - sxy**2 / sxx
+    k = int(np.argmin(np.where(sxx > 0, sse, np.inf)))
+    slope = sxy[k] / sxx[k]
+    return np.asarray(y.mean() + slope * (np.exp(rates[k] * future) - e[k].mean()), dtype=float)
+
+
+def _exp_baseline(adj: np.ndarray, window: int, hv: int, origins: int, n_ext: int) -> tuple[float, np.ndarray] | None:
+    """(error, forecast) of the exponential degradation model ``c + a exp(b t)`` over the last
+    ``window`` steps: the baseline ``c`` is the healthy level the wear rises from (a plain log scale
+    takes it for part of the growth and under-states the acceleration); ``b < 0`` is a falling-rate
+    rise (fouling towards an asymptote). The error is the fitted curve's RMSE over the backtest's
+    steps: like the ETS backtest, parameters from the full fit (a curve has no state to update)."""
+    if len(adj) < window:
+        return None
+    steps = (np.arange(window + n_ext, dtype=float)) / window
+    curve = _exp_fit(adj[-window:], steps)
+    tail = min(window, hv + origins)
+    rmse = float(np.sqrt(np.mean((curve[window - tail : window] - adj[-tail:]) ** 2)))
+    return rmse, curve[window:]
+
+
+def _quadratic(adj: np.ndarray, window: int, hv: int, origins: int, n_ext: int) -> tuple[float, np.ndarray] | None:
+    """(backtest RMSE, forecast) of a quadratic in time fitted to the last ``window`` steps; the same
+    rolling-origin backtest as the ETS models (refitted at each origin: a few tiny least squares)."""
+    n = len(adj)
+    if n < window + hv + origins:
+        return None
+    x = np.arange(window, dtype=float) / window
+    basis = np.column_stack([np.ones(window), x, x**2])
+    ahead = 1 + np.arange(max(hv, n_ext), dtype=float) / window
+    future_basis = np.column_stack([np.ones(len(ahead)), ahead, ahead**2])
+    pinv = np.linalg.pinv(basis)
+    o = np.arange(n - hv - origins, n - hv)
+    segments = np.stack([adj[i - window + 1 : i + 1] for i in o])
+    coef = segments @ pinv.T
+    pred = coef @ future_basis[:hv].T
+    actual = np.stack([adj[i + 1 : i + 1 + hv] for i in o])
+    rmse = float(np.sqrt(np.mean((pred - actual) ** 2)))
+    last = pinv @ adj[-window:]
+    return rmse, future_basis[:n_ext] @ last
+
+
+def _upper_trend_hours(
+    adj: np.ndarray, window: int, quantile: float, limit: float, sign: int, step_h: float, max_steps: int
+) -> float | None:
+    """Hours until the ``quantile`` line of the last ``window`` steps (the upper one for a high limit)
+    reaches ``limit``: the level values regularly reach, by linear quantile regression."""
+    from statsmodels.regression.quantile_regression import QuantReg
+
+    w = adj[-window:]
+    x = np.arange(len(w), dtype=float)
+    q = quantile if sign == 1 else 1 - quantile
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params = QuantReg(w, np.column_stack([np.ones(len(w)), x])).fit(q=q, max_iter=200).params
+    intercept, slope = float(params[0]), float(params[1])
+    now = intercept + slope * (len(w) - 1)
+    if sign * slope <= 0:
+        return None
+    steps = (limit - now) / slope
+    return float(max(steps, 0.0) * step_h) if steps <= max_steps else None
+
+
+def _first_crossing(fc: _Forecast, limit: float, sign: int, step_h: float) -> float | None:
+    hit = np.nonzero(sign * (fc.mean() - limit) >= 0)[0]
+    return float((hit[0] + 1) * step_h) if len(hit) else None
 
 
 def _crossing(
@@ -366,13 +464,11 @@ def _crossing(
 ) -> tuple[float | None, float, float | None, int]:
     """(alarm limit, p_cross, hours to alarm, direction +1 high / -1 low / 0 none) for the worse side."""
     sides: list[tuple[float, float, float | None, int]] = []
-    ext = fc.mean()
     for limit, sign in ((spec.high, 1), (spec.low, -1)):
         if limit is None:
             continue
         p = fc.p_beyond(limit, sign, n_h)
-        hit = np.nonzero(sign * (ext - limit) >= 0)[0]
-        hours = float((hit[0] + 1) * step_h) if len(hit) else None
+        hours = _first_crossing(fc, limit, sign, step_h)
         sides.append((p, 1.0 if slope * sign > 0 else 0.0, hours, sign))
     if not sides:
         return None, 0.0, None, 0
@@ -440,18 +536,30 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
         if limit is not None
     )
     anomaly = _anomaly(scr.resid, rules.anomaly_window, scr.r1)
+    plausible: list[_Forecast] = []
     if screen and abs(scr.t) < rules.screen_t and far and anomaly < rules.anomaly_watch:
         sd_flat = scr.sigma * math.sqrt(1 + 1 / max(1, len(scr.resid)))
         fc = _Forecast("screen", np.full(n_ext, scr.level), np.full(n_ext, sd_flat), scr.future_profile)
     else:
-        fc, resid = _fit(prep, scr, rules, n_h, n_ext)
+        fc, resid, plausible = _fit(prep, scr, rules, n_h, n_ext)
         anomaly = _anomaly(resid, rules.anomaly_window, 0.0)
 
     limit, p_cross, hours, sign = _crossing(spec, fc, n_h, prep.step_h, scr.slope)
+    significant = scr.p_value < rules.significance_p
+    if limit is not None and significant and scr.slope * sign > 0:
+        # The safe side of the plausible trajectories: the earliest crossing of any of them, and of
+        # the upper (lower) quantile trend of the values.
+        window = max(6, round(rules.trend_window_hours / prep.step_h))
+        candidates = [hours] + [_first_crossing(other, limit, sign, prep.step_h) for other in plausible]
+        candidates.append(
+            _upper_trend_hours(y - scr.profile, window, rules.upper_quantile, limit, sign, prep.step_h, n_ext)
+        )
+        # Beyond the horizon the alternatives only extrapolate their shape: they do not decide there.
+        known = [h for h in candidates[1:] if h is not None and h <= rules.horizon_hours]
+        hours = min([h for h in (hours, *known) if h is not None], default=None)
     beyond = limit is not None and sign * (last - limit) >= 0
     if beyond:
         hours = 0.0
-    significant = scr.p_value < rules.significance_p
     toward = significant and sign != 0 and scr.slope * sign > 0
     trend_hours = (limit - scr.level) / scr.slope * prep.step_h if toward and limit is not None else None
     flag = decide_flag(
@@ -464,6 +572,11 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
         trend_hours_to_alarm=trend_hours,
     )
     lower, upper = fc.band(n_h, stats.norm.ppf(0.5 + rules.interval / 2))
+    for other in plausible:
+        # The band holds every plausible model's path too: which trend shape the plant follows is
+        # part of the uncertainty, and the one model's interval does not know about it.
+        path = other.mean(n_h)
+        lower, upper = np.minimum(lower, path), np.maximum(upper, path)
     forecast = pd.DataFrame({"yhat": fc.mean(n_h), "lower": lower, "upper": upper}, index=future_index)
     return Assessment(
         spec=spec,

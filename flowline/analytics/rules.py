@@ -56,6 +56,12 @@ class AssessmentRules(BaseModel):
     min_damping: float = Field(default=0.99, gt=0, lt=1)  # lower bound of the damped trend's phi
     validation_hours: float = Field(default=48, gt=0)  # multi-step error horizon for model choice
     trend_window_hours: float = Field(default=72, gt=1)
+    # Hours to alarm is the earliest crossing among the models whose backtest error is within this
+    # factor of the best one's: a late forecast is the unsafe error (accelerating wear).
+    plausible_factor: float = Field(default=1.5, ge=1)
+    # ... and of the trend of this quantile of the trend window (values, not the mean, trip alarms:
+    # an intermittent fault reaches the limit in bursts long before its average does).
+    upper_quantile: float = Field(default=0.9, gt=0.5, lt=1)
     screen_t: float = Field(default=2.0, ge=0)  # |t| of the trend below which a fit may be skipped
     screen_sigmas: float = Field(default=6.0, ge=0)  # ... if the limit is this many sigmas away
     significance_p: float = Field(default=0.01, gt=0, lt=1)

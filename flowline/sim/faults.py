@@ -15,6 +15,20 @@ epoch and its expected value (the tag's normal value plus the fault offset, with
 noise) reaches the alarm ``high`` limit 2 to 4.5 days after it: ``Fault.crossing_ns``. So an
 analytics pass at the epoch over 14 days of history can flag each fault at least 24 h ahead.
 Every other asset is healthy.
+
+Other shapes, for benchmarks and what-ifs (``make_faults(..., kinds=...)`` or `fault_for`), each with
+the same ground truth (``crossing_ns``: the expected value without daily cycle reaches ``high``):
+
+=================  ==============================================================================
+kind               progress(u), u = 0 at the start and 1 at the crossing
+=================  ==============================================================================
+linear_drift       u: a constant-rate drift (seal leak, slow corrosion)
+step_then_drift    a step of ``shape`` (0.2-0.4 of the way) at the start, then linear: fouling
+                   after a process upset, a chipped impeller
+intermittent       u, but only in bursts (about a third of the time, an hour or two each); half of
+                   it between bursts: a loose coupling, cavitation that comes and goes. At the
+                   crossing a burst reaches the limit, well before the average level does.
+=================  ==============================================================================
 """
 
 from __future__ import annotations
@@ -34,6 +48,9 @@ class FaultKind(StrEnum):
     BEARING_WEAR = "bearing_wear"
     FOULING = "fouling"
     FILTER_CLOGGING = "filter_clogging"
+    LINEAR_DRIFT = "linear_drift"
+    STEP_THEN_DRIFT = "step_then_drift"
+    INTERMITTENT = "intermittent"
 
 
 # (asset, tag, kind): the ground truth of which assets degrade in the example site.
@@ -49,7 +66,11 @@ _SHAPE_RANGE = {
     FaultKind.BEARING_WEAR: (1.2, 2.2),
     FaultKind.FOULING: (0.2, 0.7),
     FaultKind.FILTER_CLOGGING: (1.2, 1.6),
+    FaultKind.LINEAR_DRIFT: (1.0, 1.0),
+    FaultKind.STEP_THEN_DRIFT: (0.2, 0.4),
+    FaultKind.INTERMITTENT: (1.0, 1.0),
 }
+_BURST_LOW = 0.5  # intermittent: fraction of the fault present between bursts
 
 
 class FaultConfigError(ValueError):
@@ -77,20 +98,39 @@ class Fault:
             return np.asarray(np.expm1(g * u) / np.expm1(g), dtype=np.float64)
         if self.kind is FaultKind.FOULING:
             return np.asarray(-np.expm1(-g * u) / -np.expm1(-g), dtype=np.float64)
+        if self.kind is FaultKind.LINEAR_DRIFT:
+            return np.asarray(u, dtype=np.float64)
+        if self.kind is FaultKind.STEP_THEN_DRIFT:
+            return np.asarray(np.where(u > 0, g + (1.0 - g) * u, 0.0), dtype=np.float64)
+        if self.kind is FaultKind.INTERMITTENT:
+            return np.asarray(u * np.where(bursts(times_ns), 1.0, _BURST_LOW), dtype=np.float64)
         return np.asarray(u**g, dtype=np.float64)
 
     def offset(self, times_ns: NDArray[np.int64]) -> NDArray[np.float64]:
         return (self.limit - self.normal) * self.progress(times_ns)
 
 
-def make_faults(site: Site, seed: int, epoch_ns: int) -> list[Fault]:
-    """The ground truth for ``seed`` and ``epoch_ns``; specs whose asset/tag the site lacks are skipped."""
+def bursts(times_ns: NDArray[np.int64]) -> NDArray[np.bool_]:
+    """When an intermittent fault shows in full: two incommensurate cycles (9.7 h and 4.3 h) above a
+    level, so bursts last one to two hours, about a third of the time, with no daily period."""
+    hours = times_ns / 3.6e12
+    return np.asarray(np.sin(2 * np.pi * hours / 9.7) + np.sin(2 * np.pi * hours / 4.3) > 0.8)
+
+
+def make_faults(
+    site: Site, seed: int, epoch_ns: int, kinds: dict[str, FaultKind] | None = None
+) -> list[Fault]:
+    """The ground truth for ``seed`` and ``epoch_ns``; specs whose asset/tag the site lacks are skipped.
+    ``kinds`` (asset -> kind) replaces a spec's shape, same timing (benchmarks of other shapes)."""
     rng = np.random.default_rng([seed, 0xFA17])
     faults = []
-    for asset, tag_name, kind in FAULT_SPECS:
+    for asset, tag_name, spec_kind in FAULT_SPECS:
         # Draw for every spec, present or not, so one site's faults do not shift another's timing.
         start_days, cross_days = rng.uniform(*START_DAYS_BEFORE), rng.uniform(*CROSSING_DAYS_AFTER)
-        shape = rng.uniform(*_SHAPE_RANGE[kind])
+        u = rng.uniform()
+        kind = (kinds or {}).get(asset, spec_kind)
+        low, high = _SHAPE_RANGE[kind]
+        shape = low + (high - low) * u
         if site.tag(asset, tag_name) is None:
             continue
         faults.append(
