@@ -370,9 +370,13 @@ def _fit(
         if f_bt.rmse <= rules.plausible_factor * bt.rmse and f_name != name
     ]
     window = max(6, round(rules.trend_window_hours / prep.step_h))
-    for label, other in (("quadratic", _quadratic(adj, window, hv, origins, n_ext)),
-                         ("exp-baseline", _exp_baseline(adj, 2 * window, hv, origins, n_ext))):
-        if other is not None and other[0] <= rules.plausible_factor * bt.rmse:
+    # The exponential curve's error is in-sample (no refits: extrapolated from a few days before,
+    # its rate is too unstable to judge it by), so it must beat the best model outright.
+    for label, other, factor in (
+        ("quadratic", _quadratic(adj, window, hv, origins, n_ext), rules.plausible_factor),
+        ("exp-baseline", _exp_baseline(adj, 2 * window, hv, origins, n_ext), 1.0),
+    ):
+        if other is not None and other[0] <= factor * bt.rmse:
             plausible.append(_Forecast(prefix + label, other[1], sd, future))
     return chosen, resid, plausible
 
@@ -397,19 +401,58 @@ def _exp_fit(y: np.ndarray, future: np.ndarray) -> np.ndarray:
     return np.asarray(y.mean() + slope * (np.exp(rates[k] * future) - e[k].mean()), dtype=float)
 
 
+_CURVATURE_T = 6.0  # |t| of the quadratic term that makes an exponential trend plausible
+
+
+def _curvature_t(y: np.ndarray, lags: int) -> float:
+    """t statistic of the quadratic term of an OLS quadratic in time, its standard error widened for
+    autocorrelated residuals (Newey-West, as for the trend screen)."""
+    x = np.linspace(-1.0, 1.0, len(y))
+    basis = np.column_stack([np.ones(len(y)), x, x**2])
+    coef, *_ = np.linalg.lstsq(basis, y, rcond=None)
+    resid = y - basis @ coef
+    dof = max(1, len(y) - 3)
+    cov = np.linalg.inv(basis.T @ basis) * float(resid @ resid) / dof * _long_run_ratio(resid, max(1, lags))
+    se = math.sqrt(max(float(cov[2, 2]), 0.0))
+    return float(coef[2] / se) if se > 0 else 0.0
+
+
 def _exp_baseline(adj: np.ndarray, window: int, hv: int, origins: int, n_ext: int) -> tuple[float, np.ndarray] | None:
     """(error, forecast) of the exponential degradation model ``c + a exp(b t)`` over the last
     ``window`` steps: the baseline ``c`` is the healthy level the wear rises from (a plain log scale
     takes it for part of the growth and under-states the acceleration); ``b < 0`` is a falling-rate
     rise (fouling towards an asymptote). The error is the fitted curve's RMSE over the backtest's
     steps: like the ETS backtest, parameters from the full fit (a curve has no state to update)."""
-    if len(adj) < window:
+    if len(adj) < window or abs(_curvature_t(adj[-window:], lags=hv // 2)) < _CURVATURE_T:
+        # Without clear curvature the exponential's rate is fitted to noise: its extrapolation can
+        # then cross anywhere, and it would only drag the earliest crossing with it.
         return None
     steps = (np.arange(window + n_ext, dtype=float)) / window
-    curve = _exp_fit(adj[-window:], steps)
+    y = adj[-window:]
+    curve = _exp_fit(y, steps)
+    if float(np.sum((curve[:window] - y) ** 2)) >= _HINGE_MARGIN * _hinge_sse(y):
+        # A rise that starts from a flat line (a step in the drift rate, the onset of a fault) is
+        # curved too, but it is no exponential: extrapolated as one, it crosses far too early.
+        return None
     tail = min(window, hv + origins)
-    rmse = float(np.sqrt(np.mean((curve[window - tail : window] - adj[-tail:]) ** 2)))
+    rmse = float(np.sqrt(np.mean((curve[window - tail : window] - y[-tail:]) ** 2)))
     return rmse, curve[window:]
+
+
+_HINGE_MARGIN = 1.0  # the exponential must fit better than two straight lines
+
+
+def _hinge_sse(y: np.ndarray) -> float:
+    """Smallest squared error of a continuous two-segment line (a change of slope at one of a grid of
+    break points in the middle 80 % of ``y``)."""
+    x = np.linspace(0.0, 1.0, len(y))
+    best = math.inf
+    for k in np.linspace(0.1, 0.9, 17):
+        basis = np.column_stack([np.ones(len(y)), x, np.maximum(x - k, 0.0)])
+        coef, *_ = np.linalg.lstsq(basis, y, rcond=None)
+        r = y - basis @ coef
+        best = min(best, float(r @ r))
+    return best
 
 
 def _quadratic(adj: np.ndarray, window: int, hv: int, origins: int, n_ext: int) -> tuple[float, np.ndarray] | None:
