@@ -86,3 +86,85 @@ def test_cli_bad_column_and_bad_time(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     result = CliRunner().invoke(main, ["detect", "--csv", str(path), "--time-col", "ts", "--value-col", "vib"])
     assert result.exit_code != 0 and "line 6" in result.output and "not-a-time" in result.output
+
+
+def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("ts,vib\n" + "".join(f"{t},{v}\n" for t, v in rows))
+    return path
+
+
+def test_out_of_order_and_repeated_times_refused_with_the_reason(tmp_path: Path) -> None:
+    rows = [(f"2026-03-01T00:{m:02d}:00Z", "1.0") for m in range(10)]
+    rows.insert(5, ("2026-03-01T00:02:00Z", "9.0"))  # merged file: back in time
+    path = _write(tmp_path / "x.csv", rows)
+    result = CliRunner().invoke(main, ["detect", "--csv", str(path), "--time-col", "ts", "--value-col", "vib"])
+    assert result.exit_code != 0
+    assert "line 7: time goes back to '2026-03-01T00:02:00Z'" in result.output
+    assert "--fix-time-order" in result.output and "Traceback" not in result.output
+
+
+def test_fix_time_order_sorts_dedupes_and_reports(tmp_path: Path) -> None:
+    rows = [(f"2026-03-01T00:{m:02d}:00Z", str(float(m))) for m in range(20)]
+    rows.insert(5, ("2026-03-01T00:02:00Z", "99.0"))  # repeat of minute 2, later in the file: kept
+    rows.insert(12, ("2026-03-01T00:03:00Z", "98.0"))  # another repeat, of minute 3
+    rows.append(("2026-03-01T00:07:30Z", "7.5"))  # out of order, new time
+    path = _write(tmp_path / "x.csv", rows)
+    out = tmp_path / "scored.csv"
+    result = CliRunner().invoke(main, ["detect", "--csv", str(path), "--time-col", "ts", "--value-col", "vib",
+                                       "--fix-time-order", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sorted 3 out-of-order row(s), dropped 2 row(s) with a repeated timestamp" in result.output
+    scored = pd.read_csv(out)
+    assert len(scored) == 21 and pd.to_datetime(scored["ts"]).is_monotonic_increasing
+    assert scored["vib"].iloc[2] == 99.0 and scored["vib"].iloc[3] == 98.0 and scored["vib"].iloc[8] == 7.5
+
+
+def test_non_numeric_and_empty_values_counted(tmp_path: Path) -> None:
+    rows = [(f"2026-03-01T00:{m:02d}:00Z", "1.0") for m in range(10)]
+    rows[3] = (rows[3][0], "Bad")
+    rows[6] = (rows[6][0], "#N/A")
+    rows[8] = (rows[8][0], "")
+    path = _write(tmp_path / "x.csv", rows)
+    result = CliRunner().invoke(main, ["detect", "--csv", str(path), "--time-col", "ts", "--value-col", "vib",
+                                       "--out", str(tmp_path / "o.csv")])
+    assert result.exit_code == 0, result.output
+    assert "2 non-numeric value(s) scored as missing (first at line 5: 'Bad')" in result.output
+    assert "1 empty value(s) scored as missing" in result.output
+
+
+def test_detect_help_is_fast() -> None:
+    import subprocess
+    import sys
+
+    # The cause of a slow --help is a heavy import at module level: check that none happens.
+    code = (
+        "import sys, time; t = time.perf_counter(); from flowline.cli import main\n"
+        "try: main(['detect', '--help'])\nexcept SystemExit: pass\n"
+        "heavy = [m for m in ('pandas', 'scipy', 'statsmodels', 'rich') if m in sys.modules]\n"
+        "print('HEAVY', heavy, time.perf_counter() - t)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--fix-time-order" in done.stdout
+    heavy_line = done.stdout.strip().splitlines()[-1]
+    assert heavy_line.startswith("HEAVY []"), heavy_line
+    assert float(heavy_line.split()[-1]) < 1.0, heavy_line  # about 0.1 s on an idle machine
+
+
+def test_surprise_alerts_once_per_episode_and_rarely_on_noise() -> None:
+    rng = np.random.default_rng(3)
+    n = 4 * 7 * 288  # four weeks of 5-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="5min", tz="UTC")
+    noise = rng.normal(10.0, 1.0, n)
+    settings = DetectorSettings(season_hours=0)
+    quiet = score_series(times, noise, settings)
+    # Gaussian noise: the nominal rate at the default level is far below one per week, and so is the real one.
+    assert (quiet["alert"] >= settings.watch_surprise).sum() == 0
+    assert (quiet["flag"] == "WATCH").sum() == 0
+    shifted = noise.copy()
+    shifted[n // 2 :] += 12.0  # a level shift: surprising for many rows, alerted at its start only
+    out = score_series(times, shifted, settings)
+    assert (out["surprise"].iloc[n // 2 : n // 2 + 6] >= settings.watch_surprise).sum() >= 4
+    alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
+    assert alerts[0] == n // 2 and alerts[-1] <= n // 2 + 2, alerts  # a second only if 10x more surprising
+    assert out["false_alerts_per_week"].iloc[n // 2] < 1e-6
+    assert out["flag"].iloc[n // 2] == "WATCH"

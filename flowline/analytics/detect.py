@@ -55,6 +55,7 @@ class DetectorSettings:
     surprise_span: float = 50.0  # rows of the level the next value is compared with
     surprise_memory: float = 3000.0  # rows of the robust noise scale (slow: a fault must not become noise)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
+    realert_margin: float = 1.0  # ... by this much (1 = ten times less likely): one alert per episode
     watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
@@ -113,9 +114,10 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     """(surprise, alert) per row, causal. ``surprise`` = -log10 of the two-sided normal probability of
     the row's deviation from the level of the rows before it, in units of a robust noise scale (mean
     absolute deviation x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows, known before
-    the row). ``alert`` is the surprise where it is higher than every surprise of the previous
-    ``realert_hours`` and 0 elsewhere: one alert per episode (a level shift surprises for many rows;
-    an operator wants to hear about it once, and a new, bigger one still alerts)."""
+    the row). ``alert`` is the surprise where it beats every surprise of the previous
+    ``realert_hours`` by ``realert_margin`` and 0 elsewhere: about one alert per episode (a level
+    shift surprises for many rows; an operator wants to hear about it once, and a new, ten times
+    less likely one still alerts)."""
     n = len(x)
     level = _ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0])
     err = x - _prior(level)
@@ -128,7 +130,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     # but a window count per row keeps it vectorised with a sparse table of maxima.
     start = np.searchsorted(t_ns, t_ns - settings.realert_hours * 3.6e12, side="left")
     previous = _window_max(value, start)
-    alert = np.where(value > previous, value, 0.0)
+    alert = np.where(value > previous + settings.realert_margin, value, 0.0)
     return value, alert
 
 
