@@ -31,7 +31,7 @@ def test_learns_rul_from_the_fleet_and_its_intervals_hold() -> None:
     test_full = _fleet(30, seed=2)
     rng = np.random.default_rng(3)
     cuts, truth = [], []
-    for unit, g in test_full.groupby("unit"):
+    for _unit, g in test_full.groupby("unit"):
         keep = int(rng.integers(40, len(g)))  # the unit is still running: truncated history
         cuts.append(g.iloc[:keep])
         truth.append(len(g) - keep)
