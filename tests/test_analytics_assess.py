@@ -215,3 +215,36 @@ def test_api_assess_uses_good_quality_and_plots(tmp_path: Path) -> None:
     assert write_report_png([a, assess_series(make_series("healthy"), SPEC)], out) == 1
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert write_report_png([], tmp_path / "empty.png") == 0
+
+
+def test_surprise_is_the_detectors_alert_in_the_latest_window() -> None:
+    from flowline.analytics.detect import DetectorSettings, score_series
+
+    healthy = make_series("healthy", seed=4)
+    quiet = assess_series(healthy, SPEC)
+    assert quiet.surprise < DetectorSettings().watch_surprise
+    spiked = healthy.copy()
+    spiked.iloc[-3] += 40 * float(healthy.diff().std())  # one wild reading two rows ago
+    a = assess_series(spiked, SPEC)
+    same = score_series(spiked.index, spiked.to_numpy(), DetectorSettings())["alert"].iloc[-3]
+    assert a.surprise == pytest.approx(same, abs=1e-3) and a.surprise >= DetectorSettings().watch_surprise
+    assert health_point(a).fields["surprise"] == a.surprise
+
+
+def test_accelerating_wear_from_a_healthy_baseline_is_not_forecast_late() -> None:
+    # Exponential wear rising from the healthy level (not from zero): the log scale under-states the
+    # acceleration (log-holt alone says 144 h for seed 0); the earliest plausible crossing is close.
+    for seed in range(3):
+        a = assess_series(_accelerating(seed, cross_in_hours=72, growth=2.0), SPEC)
+        assert a.flag >= Flag.DEGRADING and a.hours_to_alarm is not None
+        assert a.hours_to_alarm <= 72 * 1.25, (seed, a.hours_to_alarm, a.model)
+
+
+def test_onset_of_a_linear_drift_is_not_taken_for_exponential_growth() -> None:
+    # Flat, then a straight-line rise that reaches HIGH in 300 h: curved at the kink, but no exponential
+    # (which would cross within about 100 h); the quadratic over the last 3 days errs early, not wildly.
+    healthy = make_series("healthy", seed=5)
+    hours = np.asarray((healthy.index - END) / pd.Timedelta(1, "h"))
+    drift = np.clip(hours + 60.0, 0.0, None) * (HIGH - LEVEL) / 360.0
+    a = assess_series(healthy + drift, SPEC)
+    assert a.hours_to_alarm is None or a.hours_to_alarm > 140, (a.hours_to_alarm, a.model)

@@ -82,6 +82,7 @@ class Assessment:
     trend_per_day: float = 0.0
     trend_significant: bool = False
     anomaly_score: float = 0.0
+    surprise: float = 0.0  # the detector's (`flowline detect`) strongest alert in the latest anomaly window
     risk: float = 0.0
     alarm_limit: float | None = None
     model: str = ""
@@ -520,6 +521,22 @@ def _crossing(
     return limit, p, hours, sign
 
 
+def _latest_surprise(raw: pd.Series, end: pd.Timestamp, rules: AssessmentRules) -> float:
+    """The strongest alert of `flowline detect`'s scorer (same code, default settings) over the rows of
+    the last ``anomaly_window`` model steps: -log10 of a tail probability, see `detect.surprise`."""
+    from flowline.analytics.detect import DetectorSettings, score_series
+
+    values = pd.to_numeric(raw, errors="coerce")
+    index = _as_utc(raw.index)
+    keep = np.isfinite(values.to_numpy(dtype=float)) & (index < end)
+    if keep.sum() < 3:
+        return 0.0
+    times = index[keep]
+    alerts = score_series(times, values.to_numpy(dtype=float)[keep], DetectorSettings())["alert"].to_numpy()
+    recent = times >= end - rules.anomaly_window * pd.Timedelta(rules.model_step)
+    return round(float(alerts[recent].max(initial=0.0)), 3)
+
+
 def assess_series(
     raw: pd.Series,
     spec: SeriesSpec,
@@ -625,6 +642,7 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
         spec=spec,
         assessed_at=end,
         result="ok",
+        surprise=_latest_surprise(raw, end, rules),
         flag=flag,
         health_score=health_score(rules, p_cross, anomaly, hours),
         hours_to_alarm=hours,

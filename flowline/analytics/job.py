@@ -139,6 +139,7 @@ def health_point(a: Assessment) -> Point:
         "trend_per_day": float(a.trend_per_day),
         "trend_significant": bool(a.trend_significant),
         "anomaly_score": float(a.anomaly_score),
+        "surprise": float(a.surprise),
         "risk": float(a.risk),
         "model": a.model,
     }
