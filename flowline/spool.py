@@ -57,7 +57,7 @@ _HEADER = struct.Struct("<II")
 _SEGMENT_GLOB = "seg-*.log"
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 _READ_CHUNK = 1 << 20
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # errno values that mean "the disk is full"
 
 
 class SpoolError(RuntimeError):
@@ -407,7 +407,7 @@ class SpoolWriter:
             log.error("spool %s: cannot cut back %s to byte %d: %s", self.folder, name, start, exc)
             self._seal(cut_to=None)
             return
-        if cause.errno not in _DISK_FULL:
+        if cause.errno not in DISK_FULL:
             self._seal(cut_to=None)
 
     def _seal(self, cut_to: int | None) -> None:
@@ -453,7 +453,7 @@ class SpoolWriter:
 
     def _error(self, what: str, exc: OSError) -> SpoolWriteError:
         message = f"spool {self.folder}: cannot {what}: {exc.strerror or exc}; the batch is not stored"
-        if exc.errno in _DISK_FULL:
+        if exc.errno in DISK_FULL:
             return SpoolDiskFullError(message + " (disk full)", exc.errno)
         return SpoolWriteError(message, exc.errno)
 

@@ -18,6 +18,7 @@ import errno
 import os
 import random
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,9 @@ class _FileState:
 
 
 class FaultyFileOps:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, fsync_delay_s: float = 0.0) -> None:
         self.rng = random.Random(seed)
+        self.fsync_delay_s = fsync_delay_s  # a slow disk
         self.armed: list[str] = []  # faults for the next operations that can have them, in order
         self.injected: dict[str, int] = {}
         self.files: dict[Path, _FileState] = {}
@@ -163,6 +165,7 @@ class FaultySegment:
                 state.lost.append((len(state.durable), len(current)))
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         self.inner.fsync()
+        time.sleep(self.ops.fsync_delay_s)
         durable = bytearray(current)
         for start, end in state.lost:
             durable[start : min(end, len(durable))] = bytes(max(0, min(end, len(durable)) - start))

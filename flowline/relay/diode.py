@@ -37,6 +37,7 @@ from flowline.relay.batching import Batch, BatchBuilder, SequenceJournal
 from flowline.relay.frames import FrameError, FrameType, decode_wire, encode_frame
 from flowline.relay.gateway import load_sender_keys, open_acceptor
 from flowline.relay.sender import metrics_spool, open_ot_spools
+from flowline.spool import SpoolError
 
 log = logging.getLogger("flowline.relay.diode")
 
@@ -331,6 +332,10 @@ class DiodeReceiver:
         except FrameError as exc:
             self.acceptor.security_event(exc.reason, "unknown", f"diode batch {seq}: {exc}")
             self._lose(state, seq, seq, pending.count, "rejected")
+            return
+        except (SpoolError, OSError) as exc:
+            # No return path to refuse through: a batch the DMZ spool cannot store is lost, and counted.
+            self._lose(state, seq, seq, pending.count, f"the DMZ spool cannot store it: {exc}")
             return
         if result.replay:  # sent again by a restarted sender: already stored in an earlier session
             self.metrics.inc("diode_datagrams_total", kind="replayed_batch")

@@ -29,7 +29,7 @@ from flowline.relay.frames import (
     frame_length,
 )
 from flowline.relay.tls import peer_common_name, server_context
-from flowline.spool import SpoolError, SpoolWriter
+from flowline.spool import DISK_FULL, SpoolError, SpoolFullError, SpoolWriter
 
 log = logging.getLogger("flowline.relay.dmz")
 
@@ -100,10 +100,14 @@ class Gateway:
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
             log.info("sender %s at %s disconnected: %s", sender, where, exc or type(exc).__name__)
             writer.close()
-        except SpoolError as exc:
-            # Not acknowledged: the sender keeps the batch in its own spool and retries later.
+        except (SpoolError, OSError) as exc:
+            # Not acknowledged: the sender keeps the batch in its own spool and retries later. A plain
+            # OSError (ENOSPC, EIO) comes from the sequence file or the audit log on the same disk.
+            if isinstance(exc, SpoolFullError) or (isinstance(exc, OSError) and exc.errno in DISK_FULL):
+                self.metrics.inc("spool_full_total", spool="dmz")
+            else:
+                self.metrics.inc("spool_errors_total", spool="dmz", error=type(exc).__name__)
             log.error("cannot store batch from %s: %s; closing the connection without ack", sender, exc)
-            self.metrics.inc("spool_full_total", spool="dmz")
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cn: str, where: str) -> None:
