@@ -15,8 +15,9 @@ faults are survived and which are counted as loss) is in docs/spool.md; in short
   record and counted in ``SpoolReader.skipped_bytes`` (persisted with the acknowledged position);
   at the end of the segment being written they are waited on (a record may still be in flight).
 * One writer process and one reader process per spool folder. The writer holds an exclusive lock.
-  The reader persists its acknowledged position atomically (write, fsync, rename) and deletes a
-  segment only once everything in it is acknowledged, so data survives both processes' crashes.
+  The reader persists its acknowledged position (in place, alternating between two CRC-checked
+  slots, so acknowledging needs no free disk space) and deletes a segment only once everything in
+  it is acknowledged, so data survives both processes' crashes.
 * Bounded by size. When full, ``on_full="refuse"`` (the default) raises `SpoolFullError` so the
   producer can push back loudly; a full disk (ENOSPC) raises `SpoolDiskFullError`, which is both a
   `SpoolFullError` and a `SpoolWriteError`. ``"drop_oldest"`` deletes the oldest segment and counts
@@ -57,6 +58,7 @@ _HEADER = struct.Struct("<II")
 _SEGMENT_GLOB = "seg-*.log"
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 _READ_CHUNK = 1 << 20
+_ACK_SLOT = 256  # bytes per slot of the ack file (two slots, written alternately in place)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # errno values that mean "the disk is full"
 
 
@@ -531,16 +533,41 @@ class SpoolReader:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._ack_path = self.folder / "ack.json"
-        self.acked, self._skipped_acked = self._load_ack()
+        self._generation, self.acked, self._skipped_acked = self._load_ack()
         self._skipped: dict[Position, int] = {}  # bad byte runs seen beyond the acknowledged position
+        self._ack_fd = -1
 
-    def _load_ack(self) -> tuple[Position, int]:
+    def _load_ack(self) -> tuple[int, Position, int]:
+        """(generation, position, skipped bytes) from the newer intact slot of the ack file."""
         try:
-            raw = json.loads(self._ack_path.read_text())
-            return Position(int(raw["segment"]), int(raw["offset"])), int(raw.get("skipped_bytes", 0))
+            data = self._ack_path.read_bytes()
         except FileNotFoundError:
+            data = b""
+        best: tuple[int, Position, int] | None = None
+        for start in range(0, len(data), _ACK_SLOT):
+            slot = _decode_ack_slot(data[start : start + _ACK_SLOT])
+            if slot is not None and (best is None or slot[0] > best[0]):
+                best = slot
+        if best is None:
             numbers = _segments(self.folder)
-            return Position(numbers[0] if numbers else 0, 0), 0
+            return 0, Position(numbers[0] if numbers else 0, 0), 0
+        return best
+
+    def _write_ack(self, position: Position, skipped: int) -> None:
+        """Overwrite the older of two fixed slots in place and fsync: a torn write spoils only that
+        slot (the other still holds the previous position), and no disk space is needed once the file
+        exists, so a reader can still acknowledge, and so free segments, on a full disk."""
+        if self._ack_fd < 0:
+            self._ack_fd = os.open(self._ack_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        generation = self._generation + 1
+        body = json.dumps(
+            {"n": generation, "segment": position.segment, "offset": position.offset, "skipped_bytes": skipped},
+            separators=(",", ":"),
+        ).encode()
+        slot = (body + b" " + f"{zlib.crc32(body):08x}".encode()).ljust(_ACK_SLOT, b"\0")
+        os.pwrite(self._ack_fd, slot, (generation % 2) * _ACK_SLOT)
+        os.fsync(self._ack_fd)
+        self._generation = generation
 
     @property
     def skipped_bytes(self) -> int:
@@ -597,12 +624,7 @@ class SpoolReader:
             return
         passed = [where for where in self._skipped if where < position]
         skipped = self._skipped_acked + sum(self._skipped[where] for where in passed)
-        tmp = self._ack_path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"segment": position.segment, "offset": position.offset, "skipped_bytes": skipped}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._ack_path)
+        self._write_ack(position, skipped)
         self.acked, self._skipped_acked = position, skipped
         for where in passed:
             del self._skipped[where]
@@ -612,7 +634,7 @@ class SpoolReader:
 
     def pending_bytes(self) -> int:
         """Bytes not yet acknowledged (spool depth), as persisted: also right for a monitoring process."""
-        acked, _ = self._load_ack()
+        _, acked, _ = self._load_ack()
         total = 0
         for number in _segments(self.folder):
             if number < acked.segment:
@@ -628,6 +650,32 @@ class SpoolReader:
     @property
     def dropped_records(self) -> int:
         return _read_counter(self.folder / "dropped")
+
+    def close(self) -> None:
+        if self._ack_fd >= 0:
+            os.close(self._ack_fd)
+            self._ack_fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _decode_ack_slot(slot: bytes) -> tuple[int, Position, int] | None:
+    """One slot of the ack file, or None if torn or empty. A whole-file JSON ack (written by earlier
+    versions, with a temporary file and a rename) reads as generation 0."""
+    text = slot.rstrip(b"\0")
+    body, _, crc = text.rpartition(b" ")
+    try:
+        if body and len(crc) == 8 and int(crc, 16) == zlib.crc32(body):
+            raw = json.loads(body)
+            generation = int(raw["n"])
+        else:
+            raw = json.loads(text)
+            generation = 0
+        return generation, Position(int(raw["segment"]), int(raw["offset"])), int(raw.get("skipped_bytes", 0))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _read_counter(path: Path) -> int:

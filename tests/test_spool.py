@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
@@ -472,3 +473,28 @@ def test_power_loss_keeps_every_acknowledged_record(tmp_path: Path) -> None:
                 f"e.g. {state['acked'][end][:20]!r}"
             )
         assert state["acked"] and state["lost_on_power_cut"] > 0  # the cuts really threw data away
+
+
+def test_ack_survives_a_torn_slot_and_reads_the_old_format(tmp_path: Path) -> None:
+    with SpoolWriter(tmp_path) as writer:
+        for i in range(5):
+            writer.append([f"r{i}".encode()])
+    reader = SpoolReader(tmp_path)
+    records = reader.read()
+    reader.ack(records[1].end)  # the second slot
+    reader.ack(records[3].end)  # the first slot
+    ack_file = tmp_path / "ack.json"
+    assert ack_file.stat().st_size == 512
+    assert SpoolReader(tmp_path).acked == records[3].end
+    data = bytearray(ack_file.read_bytes())
+    data[0:10] = b"\xff" * 10  # the newest write torn (power cut): the previous position holds
+    ack_file.write_bytes(bytes(data))
+    assert SpoolReader(tmp_path).acked == records[1].end
+    data[256:266] = b"\xff" * 10  # both torn: start over from the oldest segment (duplicates, no loss)
+    ack_file.write_bytes(bytes(data))
+    assert [r.payload for r in SpoolReader(tmp_path).read()] == [f"r{i}".encode() for i in range(5)]
+    ack_file.write_text(json.dumps({"segment": 0, "offset": records[2].end.offset}))  # the old format
+    old = SpoolReader(tmp_path)
+    assert [r.payload for r in old.read()] == [b"r3", b"r4"]
+    old.ack(records[3].end)
+    assert [r.payload for r in SpoolReader(tmp_path).read()] == [b"r4"]
