@@ -174,12 +174,18 @@ class SpoolSink:
         """Run ``listener`` (on the writer thread) each time the spool takes data again after refusing."""
         self._listeners.append(listener)
 
-    def submit(self, points: Sequence[Point], on_durable: Callable[[], object] | None = None) -> bool:
+    def submit(
+        self, points: Sequence[Point], on_durable: Callable[[], object] | None = None, hold: bool = False
+    ) -> bool:
         """Queue points; ``on_durable`` runs once they are in the spool. Blocks only while the queue is
         full and the spool is storing; False (refused, counted, ``on_durable`` never runs) while the
-        spool cannot store."""
+        spool cannot store. ``hold`` queues them even then, without blocking: for input the protocol
+        has already handed over (an MQTT QoS 2 message after PUBREC), bounded by the sender's window."""
         size = max(1, len(points))  # an item without points (rejected messages to ack) still takes room
-        if not self._reserve(size, block=True):
+        if hold:
+            with self._room:
+                self._queued_points += size
+        elif not self._reserve(size, block=True):
             self.refuse(len(points))
             return False
         self._queue.put(_Item(points, on_durable, size))

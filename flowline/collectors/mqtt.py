@@ -5,10 +5,11 @@ spool, or after it was rejected and written to the dead-letter file. Killing the
 moment therefore loses nothing: the broker redelivers what was not acknowledged (persistent
 session: fixed client id, ``clean_start`` false, session expiry on MQTT 5).
 
-While the spool cannot store (full, disk error) messages are refused: not acknowledged, and the
-network thread keeps running (keep-alive goes on). Once a message is refused, every later one on
-that connection is refused too (PUBACKs go in order); when the spool takes data again the
+While the spool cannot store (full, disk error) QoS 0/1 messages are refused: not acknowledged,
+and the network thread keeps running (keep-alive goes on). Once a message is refused, every later
+one on that connection is refused too (PUBACKs go in order); when the spool takes data again the
 collector drops the connection and paho reconnects, so the broker redelivers what was refused.
+QoS 2 messages are held instead: after PUBREC the broker would not send them again.
 
 Messages arrive in batches, one per socket read (`FastClient`, mqtt_client.py): a batch's points
 go to the spool as one item and its PUBACKs leave in one write once that item is durable. QoS 2
@@ -201,7 +202,12 @@ class MqttCollector:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         points = self._decode_or_reject(msg.topic, bytes(msg.payload))
         mid, qos = msg.mid, msg.qos
-        self._store(points, partial(client.ack, mid, qos))
+        if qos == 2:
+            # After PUBREC the broker will not send this message again: hold it, whatever the spool says
+            # (the broker's in-flight window bounds how many), and PUBCOMP it once stored.
+            self.runtime.sink.submit(points, partial(client.ack, mid, qos), hold=True)
+        else:
+            self._store(points, partial(client.ack, mid, qos))
 
     def _store(self, points: list[Point], ack: Callable[[], object] | None) -> None:
         """Hand points to the spool; ``ack`` runs once they are durable, never if they are refused."""
