@@ -381,7 +381,7 @@ class SpoolWriter:
                 done += written
         except OSError as exc:
             self.write_errors += 1
-            self._cut_back(start, exc)
+            self._cut_back(start, done, exc)
             raise self._error(f"write to {self._name(self._number)}", exc) from exc
         if self.fsync:
             try:
@@ -397,9 +397,11 @@ class SpoolWriter:
         self._offset += len(blob)
         self._size += len(blob)
 
-    def _cut_back(self, start: int, cause: OSError) -> None:
-        """Remove a partly written batch; a segment that cannot be cut (or failed other than by a full
-        disk) is sealed, and the reader skips what is left of the batch."""
+    def _cut_back(self, start: int, written: int, cause: OSError) -> None:
+        """Remove a partly written batch. The segment is then sealed unless nothing was written and the
+        disk is merely full: a reader may have handed out whole records of the part written before
+        the cut, and its position must not point into what is appended there next. A segment that
+        cannot be cut is sealed too, and the reader skips what is left of the batch."""
         assert self._segment is not None
         try:
             # even when nothing was reported written: a failed write may still have left bytes behind
@@ -409,7 +411,7 @@ class SpoolWriter:
             log.error("spool %s: cannot cut back %s to byte %d: %s", self.folder, name, start, exc)
             self._seal(cut_to=None)
             return
-        if cause.errno not in DISK_FULL:
+        if written or cause.errno not in DISK_FULL:
             self._seal(cut_to=None)
 
     def _seal(self, cut_to: int | None) -> None:

@@ -19,6 +19,7 @@ import os
 import random
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class FaultyFileOps:
         self.files: dict[Path, _FileState] = {}
         self.power_off_after: int | None = None  # operations left before a simulated power loss
         self.corrupted: list[bytes] = []  # payloads of the records corrupted on their way to disk
+        self.after_partial_write: Callable[[], None] | None = None  # e.g. a reader racing the cut-back
 
     # --- arming --------------------------------------------------------------------------------
 
@@ -140,6 +142,8 @@ class FaultySegment:
         if kind in ("short_write", "eio_write"):
             part = self.ops.rng.randint(1, max(1, len(data) - 1))
             self.inner.write(data[:part])
+            if self.ops.after_partial_write is not None:
+                self.ops.after_partial_write()
             if kind == "short_write":
                 # A short write; the retry of the rest then finds the disk full.
                 self.ops.armed.insert(0, "enospc_write")

@@ -341,7 +341,36 @@ def test_failed_write_is_cut_back_and_the_retry_is_read(tmp_path: Path) -> None:
     writer.append([b"after"])
     reader = SpoolReader(tmp_path)
     assert [r.payload for r in reader.read()] == [b"before", b"torn" * 50, b"x", b"after"]
-    assert reader.skipped_bytes == 0 and writer.write_errors == 1 and writer.sealed_segments == 0
+    assert reader.skipped_bytes == 0 and writer.write_errors == 1
+    assert writer.sealed_segments == 1  # part of the batch had been written: the retry goes to a new segment
+    ops.arm("enospc_write")
+    with pytest.raises(SpoolDiskFullError):
+        writer.append([b"nothing written"])
+    assert writer.sealed_segments == 1  # nothing written, disk full: the segment stays open
+
+
+def test_a_reader_that_saw_part_of_a_failed_batch_does_not_lose_the_next_one(tmp_path: Path) -> None:
+    """A reader may hand out (and acknowledge) the whole first record of a batch in the moment
+    between a partial write and its cut-back; what is appended next must not land under its position."""
+    ops = FaultyFileOps(seed=6)
+    ops.rng.randint = lambda a, b: len(encode_record(b"first")) + 3  # type: ignore[method-assign]
+    writer = SpoolWriter(tmp_path, file_ops=ops)
+    reader = SpoolReader(tmp_path)
+    seen: list[bytes] = []
+
+    def read_now() -> None:
+        for record in reader.read():
+            seen.append(record.payload)
+            reader.ack(record.end)
+
+    ops.after_partial_write = read_now
+    ops.arm("short_write")
+    with pytest.raises(SpoolFullError):
+        writer.append([b"first", b"second" * 20])
+    assert seen == [b"first"]  # delivered before the cut-back
+    writer.append([b"other"])  # the producer moved on to something else
+    read_now()
+    assert seen == [b"first", b"other"] and reader.skipped_bytes == 0
 
 
 def test_failed_fsync_seals_the_segment_and_is_never_retried(tmp_path: Path) -> None:
