@@ -202,7 +202,7 @@ def test_full_disks_under_both_spools_lose_no_acknowledged_message(
     refused = sum(int(n) for n in re.findall(r"(\d+) points were refused meanwhile", collector_log))
     dmz_refused = gateway_log.count("closing the connection without ack")
     redelivery = collector_log.count("reconnecting to")
-    drops = collector_log.count("disconnected from")
+    drops = collector_log.count("disconnected from") - collector_log.count("for the redelivery; paho reconnects")
     print(
         f"\ndisk full (tmpfs {TMPFS_BYTES >> 20} MiB under each spool, {FULL_S:.0f} s full per phase): "
         f"published {produced}, acknowledged by the broker {len(acknowledged)}, refused by the collector "
@@ -214,5 +214,5 @@ def test_full_disks_under_both_spools_lose_no_acknowledged_message(
     assert not lost, f"{len(lost)} acknowledged messages lost, e.g. {sorted(lost)[:5]}"
     assert not wrong, f"{len(wrong)} stored with the wrong value, e.g. {wrong[:5]}"
     # The collector's connection dropped only when it asked for the redelivery: keep-alive never stopped.
-    assert drops == redelivery, f"{drops} disconnects for {redelivery} redelivery reconnects:\n{collector_log[-3000:]}"
+    assert redelivery >= 2 and drops == 0, f"{drops} other disconnects:\n{collector_log[-3000:]}"
     assert "Traceback" not in collector_log + gateway_log + _log(stages["sender"]) + _log(stages["writer"])

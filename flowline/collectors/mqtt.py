@@ -170,6 +170,8 @@ class MqttCollector:
         self.metrics.set("connected", 0, target=self.target)
         if self._stopping:
             log.info("disconnected from %s", self.target)
+        elif self._reconnect_asked:
+            log.info("disconnected from %s for the redelivery; paho reconnects", self.target)
         elif not self._tls_failed():
             log.warning("disconnected from %s: %s; paho reconnects with back-off", self.target, reason)
 
