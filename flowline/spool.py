@@ -276,7 +276,6 @@ def decode_points(payload: bytes) -> list[Point]:
     return [Point.from_wire(item) for item in orjson.loads(points_json(payload))]
 
 
-
 class SpoolWriter:
     def __init__(
         self,

@@ -331,22 +331,24 @@ class SpoolSink:
                 log.exception("spool-accepting callback failed")
 
     def _commit(self, batch: list[_Item]) -> None:
-        points = [p for item in batch for p in item.points]
-        if points:
-            if not self._store(encode_points(points), len(points)):
-                return
-            telemetry = [p.timestamp_ns for p in points if p.measurement == TELEMETRY]
-            if telemetry:
-                # counted here, once per batch, not per message: the per-call lock is measurable at 10k+/s
-                self.metrics.inc("points_in_total", len(telemetry))
-                self.metrics.inc("points_out_total", len(telemetry))
-                self.metrics.set("lag_seconds", max(0.0, (time.time_ns() - max(telemetry)) / 1e9))
-        for item in batch:
-            if item.on_durable is not None:
-                item.on_durable()
-        with self._room:
-            self._queued_points -= sum(item.reserved for item in batch)
-            self._room.notify_all()
+        try:
+            points = [p for item in batch for p in item.points]
+            if points:
+                if not self._store(encode_points(points), len(points)):
+                    return  # stopped while the spool refused: never acknowledged
+                telemetry = [p.timestamp_ns for p in points if p.measurement == TELEMETRY]
+                if telemetry:
+                    # counted once per batch, not per message: the per-call lock is measurable at 10k+/s
+                    self.metrics.inc("points_in_total", len(telemetry))
+                    self.metrics.inc("points_out_total", len(telemetry))
+                    self.metrics.set("lag_seconds", max(0.0, (time.time_ns() - max(telemetry)) / 1e9))
+            for item in batch:
+                if item.on_durable is not None:
+                    item.on_durable()
+        finally:
+            with self._room:
+                self._queued_points -= sum(item.reserved for item in batch)
+                self._room.notify_all()
 
     def stop(self) -> None:
         """Flush everything queued so far, then stop the writer thread; while the spool refuses, what
