@@ -46,7 +46,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -533,42 +533,18 @@ class SpoolReader:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._ack_path = self.folder / "ack.json"
-        self._generation, self.acked, self._skipped_acked = self._load_ack()
+        self._ack = SlotFile(self.folder / "ack.json", _ACK_SLOT)
+        self.acked, self._skipped_acked = self._load_ack()
         self._skipped: dict[Position, int] = {}  # bad byte runs seen beyond the acknowledged position
-        self._ack_fd = -1
 
-    def _load_ack(self) -> tuple[int, Position, int]:
-        """(generation, position, skipped bytes) from the newer intact slot of the ack file."""
+    def _load_ack(self) -> tuple[Position, int]:
+        """(position, skipped bytes) as last acknowledged; a spool never acknowledged starts at its oldest segment."""
+        raw = self._ack.load() or {}
         try:
-            data = self._ack_path.read_bytes()
-        except FileNotFoundError:
-            data = b""
-        best: tuple[int, Position, int] | None = None
-        for start in range(0, len(data), _ACK_SLOT):
-            slot = _decode_ack_slot(data[start : start + _ACK_SLOT])
-            if slot is not None and (best is None or slot[0] > best[0]):
-                best = slot
-        if best is None:
+            return Position(int(raw["segment"]), int(raw["offset"])), int(raw.get("skipped_bytes", 0))
+        except (KeyError, TypeError, ValueError):
             numbers = _segments(self.folder)
-            return 0, Position(numbers[0] if numbers else 0, 0), 0
-        return best
-
-    def _write_ack(self, position: Position, skipped: int) -> None:
-        """Overwrite the older of two fixed slots in place and fsync: a torn write spoils only that
-        slot (the other still holds the previous position), and no disk space is needed once the file
-        exists, so a reader can still acknowledge, and so free segments, on a full disk."""
-        if self._ack_fd < 0:
-            self._ack_fd = os.open(self._ack_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        generation = self._generation + 1
-        body = json.dumps(
-            {"n": generation, "segment": position.segment, "offset": position.offset, "skipped_bytes": skipped},
-            separators=(",", ":"),
-        ).encode()
-        slot = (body + b" " + f"{zlib.crc32(body):08x}".encode()).ljust(_ACK_SLOT, b"\0")
-        os.pwrite(self._ack_fd, slot, (generation % 2) * _ACK_SLOT)
-        os.fsync(self._ack_fd)
-        self._generation = generation
+            return Position(numbers[0] if numbers else 0, 0), 0
 
     @property
     def skipped_bytes(self) -> int:
@@ -625,7 +601,8 @@ class SpoolReader:
             return
         passed = [where for where in self._skipped if where < position]
         skipped = self._skipped_acked + sum(self._skipped[where] for where in passed)
-        self._write_ack(position, skipped)
+        # In place (`SlotFile`): acknowledging needs no free space, so a full disk can still be drained.
+        self._ack.save({"segment": position.segment, "offset": position.offset, "skipped_bytes": skipped})
         self.acked, self._skipped_acked = position, skipped
         for where in passed:
             del self._skipped[where]
@@ -635,7 +612,7 @@ class SpoolReader:
 
     def pending_bytes(self) -> int:
         """Bytes not yet acknowledged (spool depth), as persisted: also right for a monitoring process."""
-        _, acked, _ = self._load_ack()
+        acked, _ = self._load_ack()
         total = 0
         for number in _segments(self.folder):
             if number < acked.segment:
@@ -653,30 +630,75 @@ class SpoolReader:
         return _read_counter(self.folder / "dropped")
 
     def close(self) -> None:
-        if self._ack_fd >= 0:
-            os.close(self._ack_fd)
-            self._ack_fd = -1
+        self._ack.close()
+
+
+class SlotFile:
+    """A small JSON state rewritten in place: two fixed-size slots, written alternately, each holding a
+    generation number and a CRC, fsynced. A torn write spoils only the slot being written (the other
+    still holds the previous state), and once the file exists a write needs no disk space. A file
+    holding one plain JSON object (the earlier write-and-rename format) reads as generation 0."""
+
+    def __init__(self, path: Path, slot_bytes: int) -> None:
+        self.path = path
+        self.slot_bytes = slot_bytes
+        self._fd = -1
+        self._generation = -1  # unknown until loaded
+
+    def load(self) -> dict[str, Any] | None:
+        """The newest intact state, or None."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            self._generation = 0
+            return None
+        best: tuple[int, dict[str, Any]] | None = None
+        legacy = _json_object(data.rstrip(b"\0"))
+        if legacy is not None and "n" not in legacy:
+            best = (0, legacy)
+        for start in range(0, len(data), self.slot_bytes):
+            text = data[start : start + self.slot_bytes].rstrip(b"\0")
+            body, _, crc = text.rpartition(b" ")
+            if not body or len(crc) != 8 or crc.strip(b"0123456789abcdef") or int(crc, 16) != zlib.crc32(body):
+                continue
+            value = _json_object(body)
+            if value is not None and isinstance(value.get("n"), int):
+                generation = int(value.pop("n"))
+                if best is None or generation > best[0]:
+                    best = (generation, value)
+        self._generation = best[0] if best else 0
+        return best[1] if best else None
+
+    def save(self, value: dict[str, Any]) -> None:
+        if self._generation < 0:
+            self.load()
+        generation = self._generation + 1
+        body = json.dumps({"n": generation, **value}, separators=(",", ":")).encode()
+        slot = body + b" " + f"{zlib.crc32(body):08x}".encode()
+        if len(slot) > self.slot_bytes:
+            raise ValueError(f"{self.path}: state of {len(slot)} bytes does not fit a {self.slot_bytes}-byte slot")
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.pwrite(self._fd, slot.ljust(self.slot_bytes, b"\0"), (generation % 2) * self.slot_bytes)
+        os.fsync(self._fd)
+        self._generation = generation
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
 
 
-def _decode_ack_slot(slot: bytes) -> tuple[int, Position, int] | None:
-    """One slot of the ack file, or None if torn or empty. A whole-file JSON ack (written by earlier
-    versions, with a temporary file and a rename) reads as generation 0."""
-    text = slot.rstrip(b"\0")
-    body, _, crc = text.rpartition(b" ")
+def _json_object(text: bytes) -> dict[str, Any] | None:
     try:
-        if body and len(crc) == 8 and int(crc, 16) == zlib.crc32(body):
-            raw = json.loads(body)
-            generation = int(raw["n"])
-        else:
-            raw = json.loads(text)
-            generation = 0
-        return generation, Position(int(raw["segment"]), int(raw["offset"])), int(raw.get("skipped_bytes", 0))
-    except (ValueError, KeyError, TypeError):
+        value = json.loads(text)
+    except ValueError:
         return None
+    return value if isinstance(value, dict) else None
 
 
 def _read_counter(path: Path) -> int:

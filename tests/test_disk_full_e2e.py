@@ -1,14 +1,16 @@
 """Full disks under the spools, on the real path: publisher -> Mosquitto -> collector -> OT spool ->
 relay -> DMZ spool -> writer -> InfluxDB.
 
-The OT spool (``data_dir/spool/mqtt``) and the DMZ spool (``data_dir/spool/dmz``) each live on a
-real, small tmpfs (mounted here, so the test needs root, as CI has; it skips otherwise). While a
-QoS 1 publisher streams, another writer fills one disk, then the other, then both, and keeps them
-full (taking any space the relay frees) for a while; then the space is freed. The spools see real
-ENOSPC and short writes. Then it reconciles: every message the broker acknowledged is in InfluxDB
-with its value. It prints the figures: messages acknowledged, refused while full, lost (0),
-duplicates spooled by the collector (redeliveries), and checks the collector's MQTT connection only
-ever dropped when the collector asked (keep-alive runs on while the spool refuses).
+Each zone has one real, small disk (a tmpfs mounted here, so the test needs root, as CI has; it
+skips otherwise): the OT disk holds the OT spool (``data_dir/spool/mqtt``) and the OT sender's
+journal (``data_dir/relay-ot``), the DMZ disk the DMZ spool and the gateway's sequence file and
+audit log (``data_dir/relay-dmz``). While a QoS 1 publisher streams, another writer fills one disk,
+then the other, then both, and keeps them full (taking any space the relay frees) for a while; then
+the space is freed. The spools see real ENOSPC and short writes. Then it reconciles: every message
+the broker acknowledged is in InfluxDB with its value. It prints the figures: messages acknowledged,
+refused while full, lost (0), duplicates spooled by the collector (redeliveries), and checks the
+collector's MQTT connection only ever dropped when the collector asked (keep-alive runs on while the
+spool refuses).
 """
 
 from __future__ import annotations
@@ -61,13 +63,18 @@ def tmpfs_stack(tmp_path: Path) -> Iterator[tuple[LocalStack, dict[str, Path]]]:
     mounted: list[Path] = []
     try:
         stack.prepare()
-        for name in ("mqtt", "dmz"):
-            folder = stack.data_dir / "spool" / name
+        layout = {"ot": ("spool/mqtt", "relay-ot"), "dmz": ("spool/dmz", "relay-dmz")}
+        for zone, folders in layout.items():
+            disk = stack.workdir / f"{zone}-disk"
             try:
-                _mount_tmpfs(folder)
+                _mount_tmpfs(disk)
             except subprocess.CalledProcessError as exc:
                 pytest.skip(f"cannot mount a tmpfs here: {exc.stderr.strip()}")
-            mounted.append(folder)
+            mounted.append(disk)
+            for folder in folders:  # each zone's state on its own disk, as on a real host
+                (disk / folder).mkdir(parents=True)
+                (stack.data_dir / folder).parent.mkdir(parents=True, exist_ok=True)
+                (stack.data_dir / folder).symlink_to(disk / folder)
         stack.start_services()
         stack.write_config()
         yield stack, {"ot": mounted[0], "dmz": mounted[1]}
