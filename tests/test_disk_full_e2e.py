@@ -71,10 +71,10 @@ def tmpfs_stack(tmp_path: Path) -> Iterator[tuple[LocalStack, dict[str, Path]]]:
             except subprocess.CalledProcessError as exc:
                 pytest.skip(f"cannot mount a tmpfs here: {exc.stderr.strip()}")
             mounted.append(disk)
-            for folder in folders:  # each zone's state on its own disk, as on a real host
-                (disk / folder).mkdir(parents=True)
-                (stack.data_dir / folder).parent.mkdir(parents=True, exist_ok=True)
-                (stack.data_dir / folder).symlink_to(disk / folder)
+            for name in folders:  # each zone's state on its own disk, as on a real host
+                (disk / name).mkdir(parents=True)
+                (stack.data_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                (stack.data_dir / name).symlink_to(disk / name)
         stack.start_services()
         stack.write_config()
         yield stack, {"ot": mounted[0], "dmz": mounted[1]}
