@@ -1,4 +1,4 @@
-"""A fault-injecting file layer for the spool (`flowline.spool.FileOps`), for the model and crash tests.
+"""A fault-injecting file layer for the spool (`flowline.core.spool.FileOps`), for the model and crash tests.
 
 It writes real files and can, on request, fail the next operation the way disks and kernels do:
 a short write followed by ENOSPC, EIO after part of a write, ENOSPC with nothing written, a failed
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowline.spool import OS_FILE_OPS, SegmentFile
+from flowline.core.spool import OS_FILE_OPS, SegmentFile
 
 WRITE_FAULTS = ("short_write", "eio_write", "enospc_write", "fsync_fail", "corrupt")
 OTHER_FAULTS = ("truncate_fail", "create_fail", "dir_fsync_fail")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from flowline.collectors.mqtt import MqttCollector
-from flowline.config import FlowlineConfig
-from flowline.services import MosquittoServer, wait_until
-from flowline.spool import SpoolReader, decode_points
+from flowline.core.config import FlowlineConfig
+from flowline.core.spool import SpoolReader, decode_points
+from flowline.lab.services import MosquittoServer, wait_until
 from tests.collectors_helpers import publisher, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 

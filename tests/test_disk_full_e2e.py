@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from flowline.services import wait_until
-from flowline.stack import LocalStack, StackOptions, StageProcess
+from flowline.lab.services import wait_until
+from flowline.lab.stack import LocalStack, StackOptions, StageProcess
 from tests.test_chaos_pipeline import AckedPublisher, expected_value
 
 pytestmark = pytest.mark.slow
