@@ -3,7 +3,6 @@ held, keep-alive running on, nothing acknowledged lost."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from flowline.core.spool import SpoolReader, decode_points
 from flowline.lab.services import MosquittoServer, wait_until
 from tests.collectors_helpers import publisher, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
+from tests.test_collector_mqtt import _mqtt_section
 
 
 def test_full_spool_refuses_qos1_holds_qos2_keeps_the_connection_and_loses_nothing(
@@ -26,20 +26,8 @@ def test_full_spool_refuses_qos1_holds_qos2_keeps_the_connection_and_loses_nothi
 ) -> None:
     broker = mosquitto_factory(tls=False)
     monkeypatch.setenv("FLOWLINE_TEST_MQTT_PASSWORD", MQTT_PASSWORD)
-    section = {
-        "mqtt": {
-            "broker": {
-                "host": "127.0.0.1",
-                "port": broker.port,
-                "username": MQTT_USER,
-                "password": {"env": "FLOWLINE_TEST_MQTT_PASSWORD"},
-                "client_id": "collector-" + os.urandom(4).hex(),
-                "protocol": "3.1.1",
-                "keepalive_s": 1,  # a blocked network thread would be disconnected within 1.5 s
-            },
-            "topic_templates": ["plant/{site}/{asset}/{tag}"],
-        }
-    }
+    section = _mqtt_section(broker.port, protocol="3.1.1")
+    section["mqtt"]["broker"]["keepalive_s"] = 1  # a blocked network thread would be disconnected within 1.5 s
     config = write_config(
         tmp_path, write_site(tmp_path), section, spool={"max_bytes": 6000, "segment_bytes": 1000}
     )
