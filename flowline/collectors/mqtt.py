@@ -208,7 +208,9 @@ class MqttCollector:
 
     def _rebirth(self, topic: str | None) -> None:
         if topic is not None:
-            log.warning("asking %s to rebirth", topic)
+            group, _, edge = topic.split("/")[1:4]
+            log.info("asking Sparkplug edge node %s/%s to rebirth (Node Control/Rebirth on %s)", group, edge, topic)
+            self.metrics.inc("rebirth_requests_total", sender=f"{group}/{edge}")
             self.client.publish(topic, rebirth_payload(), qos=0)
 
     def decode(self, topic: str, payload: bytes) -> list[Point]:

@@ -7,7 +7,10 @@ Payload shapes (each value becomes one telemetry point):
   milliseconds (or micro/nanoseconds, told apart by magnitude) or ISO 8601; ``quality`` as
   ``good|uncertain|bad``, 0/1/2 or a raw OPC UA status code;
 * an object keyed by the tag's ``json_key`` (``{"temp": 21.5, "rpm": 1480}``);
-* a batch: a JSON array of any of the above.
+* a batch: a JSON array of any of the above. Elements without their own ``ts`` are stamped with
+  the receive time plus their position in nanoseconds (element 0 at the receive time, element 1
+  one nanosecond later, ...): InfluxDB keeps one value per tag and timestamp, so a shared receive
+  time would keep only the last element. Give each element a ``ts`` for its real sample time.
 """
 
 from __future__ import annotations
@@ -169,4 +172,5 @@ def decode_json(payload: bytes, targets: list[TopicTarget], window_s: float) -> 
         raise _refusal(payload, exc) from exc
     now_ns = time.time_ns()
     items = document if isinstance(document, list) else [document]
-    return [_sample(item, target, now_ns, window_s) for item in items for target in targets]
+    # + position: distinct timestamps, so no element overwrites another (see the module docstring)
+    return [_sample(item, target, now_ns + i, window_s) for i, item in enumerate(items) for target in targets]

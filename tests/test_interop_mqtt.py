@@ -1,0 +1,174 @@
+"""Issue 16, MQTT side: what broke with third-party publishers and edge nodes (real Mosquitto, real influxd)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import requests
+
+from flowline.collectors.mqtt import MqttCollector
+from flowline.collectors.sparkplug import DOUBLE, UINT64, Payload, RebirthLimiter
+from flowline.config import FlowlineConfig
+from flowline.services import InfluxDServer, MosquittoServer, wait_until
+from tests.collectors_helpers import publisher, telemetry, write_config, write_site
+from tests.conftest import MQTT_PASSWORD, MQTT_USER
+from tests.test_collector_sparkplug import _double, _sub, _text, _uint
+
+
+@pytest.fixture(autouse=True)
+def _password_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWLINE_TEST_MQTT_PASSWORD", MQTT_PASSWORD)
+
+
+def mqtt_section(port: int, **extra: Any) -> dict[str, Any]:
+    broker = {
+        "host": "127.0.0.1",
+        "port": port,
+        "username": MQTT_USER,
+        "password": {"env": "FLOWLINE_TEST_MQTT_PASSWORD"},
+        "client_id": "interop-" + os.urandom(4).hex(),
+    }
+    return {"mqtt": {"broker": broker, "topic_templates": ["plant/{site}/{asset}/{tag}"], **extra}}
+
+
+def test_json_array_without_timestamps_keeps_every_value_in_influxdb(
+    tmp_path: Path,
+    mosquitto: MosquittoServer,
+    influx: InfluxDServer,
+    influx_db: str,
+    run_collector: Callable[[FlowlineConfig], MqttCollector],
+) -> None:
+    """`[10, 20, 30]` on one topic: three points in, three rows in InfluxDB (not one, value 30)."""
+    config = write_config(tmp_path, write_site(tmp_path), mqtt_section(mosquitto.port))
+    run_collector(config)
+    pub = publisher(mosquitto.port, MQTT_USER, MQTT_PASSWORD)
+    pub.publish("plant/test-site/P-1/rpm", "[10, 20, 30]", qos=1).wait_for_publish(5)
+    pub.loop_stop()
+    spool = config.spool_dir("mqtt")
+    wait_until(lambda: len(telemetry(spool)) >= 3, 15, "three points in the spool")
+    points = telemetry(spool)
+    assert [p.timestamp_ns - points[0].timestamp_ns for p in points] == [0, 1, 2]  # documented: + position in ns
+    lines = "\n".join(p.to_line() for p in points)
+    auth = (influx.admin.name, influx.admin.password)
+    requests.post(f"{influx.url}/write", params={"db": influx_db}, data=lines, auth=auth, timeout=10).raise_for_status()
+    result: Any = influx.query('SELECT "value" FROM "telemetry" WHERE "tag" = \'rpm\'', db=influx_db)
+    assert [row[1] for row in result["results"][0]["series"][0]["values"]] == [10.0, 20.0, 30.0]
+
+
+# --- Sparkplug: a host that starts after its edge nodes ---------------------------------------------------
+# The edge node below writes its payloads byte by byte from the Sparkplug B field numbers (Payload:
+# timestamp 1, metrics 2, seq 3; Metric: name 1, alias 2, datatype 4, long_value 11, double_value 13),
+# not with the collector's own encoder.
+
+
+def _metric(name: str | None, alias: int, value: float | int, datatype: int) -> bytes:
+    parts = [_text(1, name)] if name is not None else []
+    kind = _uint(11, int(value)) if datatype == UINT64 else _double(13, float(value))
+    return _sub(2, *parts, _uint(2, alias), _uint(4, datatype), kind)
+
+
+def _payload(seq: int | None, *metrics: bytes) -> bytes:
+    return _uint(1, int(time.time() * 1000)) + b"".join(metrics) + (_uint(3, seq) if seq is not None else b"")
+
+
+class EdgeNode:
+    """Sparkplug edge node G1/E1 with device D1 that answers a Node Control/Rebirth NCMD with its births."""
+
+    def __init__(self, port: int) -> None:
+        self.seq = 0
+        self.commands: list[bytes] = []
+        self.client = publisher(port, MQTT_USER, MQTT_PASSWORD, client_id="edge-" + os.urandom(4).hex())
+        self.client.on_message = self._on_command
+        self.client.subscribe("spBv1.0/G1/NCMD/E1", qos=1)
+        wait_until(lambda: self.client.is_connected(), 10, "edge node connected")
+        time.sleep(0.3)  # the SUBACK
+
+    def _next(self) -> int:
+        seq, self.seq = self.seq, (self.seq + 1) % 256
+        return seq
+
+    def _on_command(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.commands.append(bytes(message.payload))
+        self.birth()
+
+    def birth(self) -> None:
+        self.seq = 0
+        node = _payload(self._next(), _metric("bdSeq", 0, 1, UINT64), _metric("speed", 1, 1.0, DOUBLE))
+        self.client.publish("spBv1.0/G1/NBIRTH/E1", node, qos=1)
+        device = _payload(self._next(), _metric("temp", 10, 20.0, DOUBLE))
+        self.client.publish("spBv1.0/G1/DBIRTH/E1/D1", device, qos=1)
+
+    def ddata(self, temp: float) -> None:
+        self.client.publish("spBv1.0/G1/DDATA/E1/D1", _payload(self._next(), _metric(None, 10, temp, DOUBLE)), qos=1)
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _temps(spool: Path) -> list[float]:
+    return [p.fields["value"] for p in telemetry(spool) if p.tags["tag"] == "temp" and "value" in p.fields]
+
+
+def test_host_started_after_its_edge_node_asks_once_for_a_rebirth_by_default(
+    tmp_path: Path, mosquitto: MosquittoServer, run_collector: Callable[[FlowlineConfig], MqttCollector]
+) -> None:
+    """The edge node was born before the host: by default its DATA brings one rebirth request (not one per
+    message), and its data flows from the rebirth on."""
+    edge = EdgeNode(mosquitto.port)
+    edge.birth()  # online before the host exists: this BIRTH is lost to it
+    section = mqtt_section(mosquitto.port)  # sparkplug_allow_rebirth not set: the default
+    collector = run_collector(write_config(tmp_path, write_site(tmp_path), section))
+    time.sleep(0.3)
+    answered = edge.commands
+    edge.client.on_message = lambda c, u, m: answered.append(bytes(m.payload))  # count, do not answer yet
+    for temp in (1.0, 2.0, 3.0, 4.0):
+        edge.ddata(temp)
+    wait_until(lambda: collector.metrics.counter("rejected_total", reason="data_before_birth") == 4, 10, "4 rejects")
+    time.sleep(1.0)
+    assert len(answered) == 1  # one request for four DATA messages
+    ncmd = Payload()
+    ncmd.ParseFromString(answered[0])
+    assert [(m.name, m.boolean_value) for m in ncmd.metrics] == [("Node Control/Rebirth", True)]
+    edge.birth()  # the rebirth the request asked for
+    edge.ddata(5.0)
+    spool = collector.runtime.writer.folder
+    wait_until(lambda: _temps(spool) == [20.0, 5.0], 10, "the reborn node's data")
+    assert collector.metrics.counter("rebirth_requests_total", sender="G1/E1") == 1
+    edge.stop()
+
+
+def test_without_rebirth_the_log_says_which_setting_to_change(
+    tmp_path: Path,
+    mosquitto: MosquittoServer,
+    run_collector: Callable[[FlowlineConfig], MqttCollector],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    edge = EdgeNode(mosquitto.port)
+    section = mqtt_section(mosquitto.port, sparkplug_allow_rebirth=False)
+    collector = run_collector(write_config(tmp_path, write_site(tmp_path), section))
+    edge.client.on_message = lambda c, u, m: edge.commands.append(bytes(m.payload))
+    with caplog.at_level(logging.WARNING, logger="flowline.collectors.sparkplug"):
+        for temp in (1.0, 2.0, 3.0):
+            edge.ddata(temp)
+        wait_until(lambda: collector.metrics.counter("rejected_total", reason="data_before_birth") == 3, 10, "rejects")
+    hints = [r.getMessage() for r in caplog.records if "sparkplug_allow_rebirth: true" in r.getMessage()]
+    assert len(hints) == 1 and "G1/E1" in hints[0] and "restart the edge node" in hints[0]
+    assert edge.commands == []
+    edge.stop()
+
+
+def test_rebirth_requests_back_off_per_edge_node() -> None:
+    limiter = RebirthLimiter(min_s=2, max_s=60)
+    node, other = ("G1", "E1"), ("G1", "E2")
+    sent = [t for t in (0, 0.5, 1.9, 2.0, 3.0, 5.9, 6.0, 13.0, 14.0) if limiter.allow(node, now=t)]
+    assert sent == [0, 2.0, 6.0, 14.0]  # 2 s, then 4 s, then 8 s between requests
+    assert limiter.allow(other, now=0.5)  # each edge node has its own back-off
+    assert limiter.allow(node, now=14.0 + 61) and not limiter.allow(node, now=14.0 + 62)  # quiet spell: from 2 s again
