@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from flowline.collectors.common import Rejected, check_finite, check_timestamp
+from flowline.collectors.common import Rejected, check_finite, check_timestamp, check_type
 from flowline.inventory import Site
 from flowline.points import FieldValue, Point, Quality, TagRef, telemetry_point
 
@@ -161,7 +161,7 @@ def _sample(item: Any, target: TopicTarget, now_ns: int, window_s: float) -> Poi
         if "quality" in item:
             quality, status = parse_quality(item["quality"])
         item = item["value"]
-    return telemetry_point(target.ref, scalar(item), ts_ns, quality, status)
+    return telemetry_point(target.ref, check_type(target.ref, scalar(item)), ts_ns, quality, status)
 
 
 def decode_json(payload: bytes, targets: list[TopicTarget], window_s: float) -> list[Point]:

@@ -34,7 +34,7 @@ from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
 from flowline.collectors import opcua_deadband
-from flowline.collectors.common import CollectorRuntime, Rejected, check_timestamp
+from flowline.collectors.common import CollectorRuntime, Rejected, check_timestamp, check_type
 from flowline.collectors.opcua_security import OpcUaSecurityError, apply_security
 from flowline.config import FlowlineConfig, OpcUaCollectorConfig, OpcUaEndpoint
 from flowline.inventory import OpcUaSource, Site
@@ -130,11 +130,12 @@ class ValueConverter:
                 raise Rejected("array_rejected", f"array of {len(value)} values (config arrays: reject)")
             return [
                 telemetry_point(
-                    dataclasses.replace(ref, extra={**ref.extra, "index": str(i)}), _scalar(v), ts, quality, code
+                    dataclasses.replace(ref, extra={**ref.extra, "index": str(i)}),
+                    check_type(ref, _scalar(v)), ts, quality, code,
                 )
                 for i, v in enumerate(value)
             ]
-        return [telemetry_point(ref, _scalar(value), ts, quality, code)]
+        return [telemetry_point(ref, check_type(ref, _scalar(value)), ts, quality, code)]
 
 
 class ServerSession:
@@ -384,6 +385,9 @@ class ServerSession:
             # anything unforeseen in one value must not lose the rest of its publish response
             self._reject(tag, dv, Rejected("wrong_type", f"cannot convert: {type(exc).__name__}: {exc}"))
             return
+        if dv.StatusCode is not None and Quality.from_status_code(dv.StatusCode.value) is Quality.BAD:
+            # stored (quality 2, the raw code in `status`) and counted: data that explains a gap, not a reject
+            self.metrics.inc("bad_status_total", len(points), server=self.name)
         if origin is None and dv.SourceTimestamp is not None:
             # only the server's own sample times bound a HistoryRead (not a shutdown notice's local time)
             tag.last_ts_ns = max(tag.last_ts_ns or 0, points[0].timestamp_ns)

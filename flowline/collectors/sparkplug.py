@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
-from flowline.collectors.common import Rejected, check_timestamp
+from flowline.collectors.common import Rejected, check_timestamp, check_type
 from flowline.inventory import Site
 from flowline.points import FieldValue, Point, Quality, TagRef, telemetry_point
 
@@ -662,7 +662,7 @@ class SparkplugHost:
         if value is None:
             reading.result.points.append(telemetry_point(ref, "", ts_ns, Quality.BAD, quality_code))
         else:
-            reading.result.points.append(telemetry_point(ref, value, ts_ns, quality, quality_code))
+            reading.result.points.append(telemetry_point(ref, check_type(ref, value), ts_ns, quality, quality_code))
 
 
 class RejectedWithRebirth(Rejected):

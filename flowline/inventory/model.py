@@ -120,8 +120,14 @@ class Alarm(_Strict):
         return self
 
 
+TagType = Literal["number", "boolean", "string"]
+
+
 class Tag(_Strict):
     name: str = Field(min_length=1)
+    # What the tag's values are; a value of another type is refused (``wrong_type``), see
+    # flowline.collectors.common.check_type. Most signals are measurements, hence the default.
+    type: TagType = "number"
     unit: str | None = None
     description: str | None = None
     source: Source
@@ -191,7 +197,7 @@ class Site(_Strict):
         return next((t for t in asset.tags if t.name == tag_name), None)
 
     def tag_ref(self, asset: Asset, tag: Tag) -> TagRef:
-        return TagRef(site=self.site, asset=asset.id, tag=tag.name, unit=tag.unit)
+        return TagRef(site=self.site, asset=asset.id, tag=tag.name, unit=tag.unit, value_type=tag.type)
 
     def iter_tags(self, kind: str | None = None) -> list[tuple[Asset, Tag]]:
         """All (asset, tag) pairs, optionally only those whose source is ``kind``."""
