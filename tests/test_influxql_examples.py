@@ -43,7 +43,7 @@ def test_documented_influxql_examples_run_and_quote_the_tag_key(influx: InfluxDS
         assert "error" not in result and result.get("series"), f"{q}: {result}"
 
 
-@pytest.mark.parametrize("q", ["SELECT \"value\" FROM \"telemetry\" WHERE tag = 'flow'"])
+@pytest.mark.parametrize("q", ['SELECT "value" FROM "telemetry" WHERE tag = \'flow\''])
 def test_unquoted_tag_is_the_keyword_error_the_docs_warn_about(influx: InfluxDServer, influx_db: str, q: str) -> None:
     error = _run(influx, influx_db, q)["error"]
     assert "found TAG, expected identifier" in error

@@ -17,7 +17,7 @@ from flowline.collectors.mqtt import MqttCollector
 from flowline.collectors.sparkplug import DOUBLE, UINT64, Payload, RebirthLimiter
 from flowline.config import FlowlineConfig
 from flowline.services import InfluxDServer, MosquittoServer, wait_until
-from tests.collectors_helpers import publisher, telemetry, write_config, write_site
+from tests.collectors_helpers import ODD_TAG, publisher, telemetry, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 from tests.test_collector_sparkplug import _double, _sub, _text, _uint
 
@@ -60,6 +60,28 @@ def test_json_array_without_timestamps_keeps_every_value_in_influxdb(
     requests.post(f"{influx.url}/write", params={"db": influx_db}, data=lines, auth=auth, timeout=10).raise_for_status()
     result: Any = influx.query('SELECT "value" FROM "telemetry" WHERE "tag" = \'rpm\'', db=influx_db)
     assert [row[1] for row in result["results"][0]["series"][0]["values"]] == [10.0, 20.0, 30.0]
+
+
+
+def test_strings_on_a_number_tag_are_refused_by_the_one_type_rule(
+    tmp_path: Path, mosquitto: MosquittoServer, run_collector: Callable[[FlowlineConfig], MqttCollector]
+) -> None:
+    """`"high"` and `"NaN"` on a number tag are refused like the NaN literal, not stored as good strings."""
+    config = write_config(tmp_path, write_site(tmp_path), mqtt_section(mosquitto.port))
+    collector = run_collector(config)
+    pub = publisher(mosquitto.port, MQTT_USER, MQTT_PASSWORD)
+    for payload in ('"high"', '"NaN"', '{"value": "high"}', "true", "2.5"):
+        pub.publish("plant/test-site/P-1/pressure", payload, qos=1).wait_for_publish(5)
+    pub.publish("plant/odd topic, with=signs", "7", qos=1).wait_for_publish(5)  # a string tag
+    pub.publish("plant/odd topic, with=signs", '"RUNNING"', qos=1).wait_for_publish(5)
+    pub.loop_stop()
+    spool = config.spool_dir("mqtt")
+    wait_until(lambda: len(telemetry(spool)) >= 3, 15, "the three good values")
+    got = [(p.tags["tag"], p.fields.get("value", p.fields.get("value_str"))) for p in telemetry(spool)]
+    assert got == [("pressure", 1.0), ("pressure", 2.5), (ODD_TAG, "RUNNING")]
+    assert collector.metrics.counter("rejected_total", reason="wrong_type") == 4
+    dead = (config.data_dir / "deadletter" / "mqtt.jsonl").read_text()
+    assert "P-1/pressure is a number tag but got a string ('high')" in dead
 
 
 # --- Sparkplug: a host that starts after its edge nodes ---------------------------------------------------
@@ -114,7 +136,7 @@ class EdgeNode:
 
 
 def _temps(spool: Path) -> list[float]:
-    return [p.fields["value"] for p in telemetry(spool) if p.tags["tag"] == "temp" and "value" in p.fields]
+    return [float(p.fields["value"]) for p in telemetry(spool) if p.tags["tag"] == "temp" and "value" in p.fields]
 
 
 def test_host_started_after_its_edge_node_asks_once_for_a_rebirth_by_default(

@@ -12,6 +12,7 @@ import click
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
+from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError
 from rich.console import Console
 from rich.table import Table
@@ -21,6 +22,7 @@ from flowline.config import ConfigError, OpcUaEndpoint, OpcUaSecurity, load_conf
 from flowline.inventory import Site, SiteFileError, load_site
 
 MAX_DEPTH = 12  # browse depth guard: address spaces can have reference cycles
+HAS_PROPERTY = ua.NodeId(ua.Int32(ObjectIds.HasProperty))
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,12 @@ class Discovery:
 
 
 async def browse_variables(client: Client) -> list[Variable]:
-    """Every Variable under Objects outside namespace 0 (the server's own diagnostics)."""
+    """Every signal under Objects outside namespace 0 (the server's own diagnostics).
+
+    A signal is a Variable reached by a non-property reference (Organizes, HasComponent, ...). The
+    Properties of a variable (HasProperty: EURange, EngineeringUnits, InstrumentRange, EnumStrings of
+    an analog or discrete item) describe it and are not listed, nor browsed into.
+    """
     found: list[Variable] = []
     seen: set[ua.NodeId] = set()
     stack: list[tuple[Node, str, int]] = [(client.nodes.objects, "0:Objects", 0)]
@@ -55,7 +62,7 @@ async def browse_variables(client: Client) -> list[Variable]:
         refs = await node.get_children_descriptions()
         for ref in refs:
             child = ref.NodeId
-            if child in seen or child.NamespaceIndex == 0:
+            if child in seen or child.NamespaceIndex == 0 or ref.ReferenceTypeId == HAS_PROPERTY:
                 continue
             seen.add(child)
             child_path = f"{path}/{ref.BrowseName.NamespaceIndex}:{ref.BrowseName.Name}"

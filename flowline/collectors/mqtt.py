@@ -147,7 +147,10 @@ class MqttCollector:
         client.subscribe([(f, int(self.cfg.qos)) for f in self.subscriptions()])
         if self.cfg.sparkplug_host_id:
             client.publish(self._state_topic(), self._state_payload(True), qos=1, retain=True)
-        log.info("connected to %s (session present: %s)", self.target, flags.session_present)
+        log.info(
+            "connected to MQTT broker %s, subscribed to %s (session present: %s)",
+            self.target, ", ".join(self.subscriptions()), flags.session_present,
+        )  # fmt: skip
         self.connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
