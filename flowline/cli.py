@@ -35,6 +35,10 @@ COMMANDS: dict[str, LazyCommand] = {
         "flowline.inventory.cli:assets",
         "The asset inventory: validate the site file, discover unknown signals.",
     ),
+    "certs": LazyCommand(
+        "flowline.certs:certs",
+        "Make the relay CA, gateway and sender certificates and the OPC UA client certificate.",
+    ),
     "collect": LazyCommand(
         "flowline.collectors.cli:collect",
         "OT collectors (OPC UA, MQTT): subscribe, map to site tags, append to the OT spool.",
