@@ -12,10 +12,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import requests
+import yaml
 
 from flowline.collectors.mqtt import MqttCollector
 from flowline.collectors.sparkplug import DOUBLE, UINT64, Payload, RebirthLimiter
 from flowline.config import FlowlineConfig
+from flowline.inventory import SiteFileError, load_site
 from flowline.services import InfluxDServer, MosquittoServer, wait_until
 from tests.collectors_helpers import ODD_TAG, publisher, telemetry, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
@@ -60,7 +62,6 @@ def test_json_array_without_timestamps_keeps_every_value_in_influxdb(
     requests.post(f"{influx.url}/write", params={"db": influx_db}, data=lines, auth=auth, timeout=10).raise_for_status()
     result: Any = influx.query('SELECT "value" FROM "telemetry" WHERE "tag" = \'rpm\'', db=influx_db)
     assert [row[1] for row in result["results"][0]["series"][0]["values"]] == [10.0, 20.0, 30.0]
-
 
 
 def test_strings_on_a_number_tag_are_refused_by_the_one_type_rule(
@@ -194,3 +195,71 @@ def test_rebirth_requests_back_off_per_edge_node() -> None:
     assert sent == [0, 2.0, 6.0, 14.0]  # 2 s, then 4 s, then 8 s between requests
     assert limiter.allow(other, now=0.5)  # each edge node has its own back-off
     assert limiter.allow(node, now=14.0 + 61) and not limiter.allow(node, now=14.0 + 62)  # quiet spell: from 2 s again
+
+
+# --- many similar devices: an asset pattern and a type whose tags are inherited ----------------------------
+
+
+def _pattern_site(folder: Path) -> Path:
+    path = write_site(folder)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc["asset_types"] = {
+        "booster-pump": {
+            "tags": [
+                {"name": "flow", "unit": "m3/h", "alarm": {"high": 40}},
+                {"name": "state", "type": "string"},
+            ]
+        }
+    }
+    doc["asset_patterns"] = [{"pattern": "bp-*", "type": "booster-pump", "criticality": "B"}]
+    doc["flows"] = [{"sender": "ot-1", "assets": ["P-1", "bp-*"], "tags": ["flow", "pressure"]}]
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def test_asset_pattern_maps_hundreds_of_devices_validated_and_subject_to_flows(
+    tmp_path: Path, mosquitto: MosquittoServer, run_collector: Callable[[FlowlineConfig], MqttCollector]
+) -> None:
+    config = write_config(tmp_path, _pattern_site(tmp_path), mqtt_section(mosquitto.port))
+    collector = run_collector(config)
+    pub = publisher(mosquitto.port, MQTT_USER, MQTT_PASSWORD)
+    sends = [
+        *((f"plant/test-site/bp-{n:03d}/flow", str(float(n))) for n in range(200)),  # 200 devices, one rule
+        ("plant/test-site/bp-007/state", '"RUNNING"'),
+        ("plant/test-site/bp-007/vibration", "1.0"),  # not a tag of the type: unknown
+        ("plant/test-site/valve-9/flow", "1.0"),  # matches no pattern: unknown
+        ("plant/other-site/bp-001/flow", "1.0"),  # another site: unknown
+        ("plant/test-site/bp-008/flow", '"high"'),  # typed by the asset type: refused
+    ]
+    for topic, payload in sends:
+        pub.publish(topic, payload, qos=1)
+    pub.publish("plant/test-site/P-1/pressure", "9", qos=1).wait_for_publish(5)
+    pub.loop_stop()
+    spool = config.spool_dir("mqtt")
+    wait_until(lambda: len(telemetry(spool)) >= 202, 20, "202 points")
+    points = telemetry(spool)
+    flows = {p.tags["asset"]: p for p in points if p.tags["tag"] == "flow"}
+    assert len(flows) == 200 and flows["bp-042"].fields["value"] == 42.0
+    assert flows["bp-042"].tags == {"site": "test-site", "asset": "bp-042", "tag": "flow", "unit": "m3/h"}
+    assert [p.fields["value_str"] for p in points if p.tags["tag"] == "state"] == ["RUNNING"]
+    assert collector.metrics.counter("rejected_total", reason="unknown_topic") == 3
+    assert collector.metrics.counter("rejected_total", reason="wrong_type") == 1
+    # the DMZ gateway's policy applies to them like to listed assets
+    site = load_site(config.site_file)
+    assert site.is_flow_approved("ot-1", "bp-042", "flow")
+    assert not site.is_flow_approved("ot-1", "bp-042", "state")  # not in the flow's tags
+    assert not site.is_flow_approved("ot-2", "bp-042", "flow")
+
+
+def test_asset_patterns_are_validated_when_the_site_file_loads(tmp_path: Path) -> None:
+    path = _pattern_site(tmp_path)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc["asset_patterns"] += [{"pattern": "fan/+", "type": "fan"}]
+    doc["flows"] += [{"sender": "ot-1", "assets": ["cp-*"]}]
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    with pytest.raises(SiteFileError) as raised:
+        load_site(path)
+    problems = "\n".join(raised.value.problems)
+    assert "asset_patterns[1] (fan/+).type: unknown asset type 'fan', expected one of ['booster-pump']" in problems
+    assert "asset_patterns[1] (fan/+).pattern: an asset id is one MQTT topic level" in problems
+    assert "flows[1].assets: pattern 'cp-*' matches no asset of the inventory" in problems

@@ -39,7 +39,8 @@ class TopicTarget:
 
 
 class TopicMap:
-    """Exact topics from the site file, then templates such as ``plant/{site}/{asset}/{tag}``."""
+    """Exact topics from the site file, then templates such as ``plant/{site}/{asset}/{tag}``: a listed
+    asset's tag, or (``asset_patterns`` in the site file) a tag of the type of a pattern-matched asset."""
 
     def __init__(self, site: Site, templates: list[str]) -> None:
         self.site = site
@@ -72,6 +73,10 @@ class TopicMap:
             tag = self.site.tag(groups.get("asset", ""), groups.get("tag", ""))
             if asset is not None and tag is not None:
                 return [TopicTarget(self.site.tag_ref(asset, tag), None)]
+            # many similar devices: an asset id matching an asset pattern, a tag of its asset type
+            ref = self.site.pattern_tag_ref(groups.get("asset", ""), groups.get("tag", ""))
+            if ref is not None:
+                return [TopicTarget(ref, None)]
         return []
 
 
