@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -263,3 +266,26 @@ def test_asset_patterns_are_validated_when_the_site_file_loads(tmp_path: Path) -
     assert "asset_patterns[1] (fan/+).type: unknown asset type 'fan', expected one of ['booster-pump']" in problems
     assert "asset_patterns[1] (fan/+).pattern: an asset id is one MQTT topic level" in problems
     assert "flows[1].assets: pattern 'cp-*' matches no asset of the inventory" in problems
+
+
+def test_mqtt_collector_says_where_it_connected_at_default_verbosity(
+    tmp_path: Path, mosquitto: MosquittoServer
+) -> None:
+    write_config(tmp_path, write_site(tmp_path), mqtt_section(mosquitto.port))
+    flowline = str(Path(sys.executable).parent / "flowline")
+    proc = subprocess.Popen(
+        [flowline, "collect", "mqtt", "--config", str(tmp_path / "flowline.yaml")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and not any("connected to MQTT broker" in line for line in lines):
+            lines.append(proc.stderr.readline())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    connected = next(line for line in lines if "connected to MQTT broker" in line)
+    assert " INFO " in connected and f"mqtt://127.0.0.1:{mosquitto.port}" in connected
+    assert "subscribed to plant/+/+/+" in connected
