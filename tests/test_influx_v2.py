@@ -21,6 +21,7 @@ from flowline.dashboards.annotations import read_flag_changes
 from flowline.historian.connection import Connection
 from flowline.historian.errors import HistorianAuthError
 from flowline.historian.query import HistorianReader
+from flowline.historian.rollups import Checkpoint, RollupJob
 from flowline.historian.setup import ROLES
 from flowline.historian.setup_v2 import setup_v2
 from flowline.historian.writer import HistorianWriter
@@ -121,6 +122,26 @@ def test_v2_write_api_with_a_token(stub: Influx2Stub, database: str) -> None:
     assert stub.rejected == [] and ("POST", "/api/v2/write") in stub.requests
     reader = HistorianReader(Connection(stub.url, database, token=tokens["grafana"]))
     assert list(reader.read_tag_history("s1", "P-101", "level", *_last_hour())["value"]) == [0.0, 1.0, 2.0]
+
+
+def test_rollup_job_with_its_token_reads_raw_and_writes_its_tiers(
+    stub: Influx2Stub, database: str, tmp_path: Path
+) -> None:
+    tokens = _set_up(stub, database)
+    with HistorianWriter(Connection(stub.url, database, token=tokens["writer"]), retry_deadline_s=5) as writer:
+        minute = 60 * 10**9
+        start = time.time_ns() // minute * minute - 3 * minute  # two whole minutes, one value per second
+        ref = TagRef("s1", "P-101", "flow", "m3/h")
+        writer.write([telemetry_point(ref, float(i), start + i * 10**9) for i in range(120)])
+    job = RollupJob(Connection(stub.url, database, token=tokens["rollup"]), Checkpoint(tmp_path / "c.json"), lag_s=0)
+    try:
+        runs = {run.tier: run for run in job.run_once(time.time_ns())}
+    finally:
+        job.close()
+    assert runs["1m"].points == 2 and stub.rejected == []
+    reader = HistorianReader(Connection(stub.url, database, token=tokens["grafana"]))
+    rows = reader.read_rollup("s1", "P-101", "flow", *_last_hour(), tier="1m")
+    assert int(rows["count"].sum()) == 120
 
 
 def test_dashboard_annotation_query_binds_its_parameters_without_undescribed_ones(
