@@ -18,6 +18,7 @@ import requests
 
 from flowline.config import HistorianConfig
 from flowline.dashboards.annotations import read_flag_changes
+from flowline.dashboards.definitions import all_dashboards
 from flowline.historian.connection import Connection
 from flowline.historian.errors import HistorianAuthError
 from flowline.historian.query import HistorianReader
@@ -25,9 +26,11 @@ from flowline.historian.rollups import Checkpoint, RollupJob
 from flowline.historian.setup import ROLES
 from flowline.historian.setup_v2 import setup_v2
 from flowline.historian.writer import HistorianWriter
+from flowline.inventory import load_site
 from flowline.points import FieldValue, Point, TagRef, telemetry_point
 from flowline.services import InfluxDServer
 from tests import influx2_stub
+from tests.conftest import EXAMPLE_SITE
 from tests.influx2_stub import Influx2Stub, schemas_dir
 
 ORG = "flowline-org"
@@ -157,6 +160,32 @@ def test_dashboard_annotation_query_binds_its_parameters_without_undescribed_one
     changes = read_flag_changes(reader, time.time_ns() - 3600 * 10**9, site="s1")
     assert [(c.asset, c.flag, c.text) for c in changes] == [("P-101", "WATCH", "it's rising")]
     assert stub.rejected == []
+
+
+def test_every_dashboard_query_runs_through_the_2x_mapping_with_grafanas_token(
+    stub: Influx2Stub, database: str
+) -> None:
+    """The InfluxQL of every panel and variable, with its retention policies resolved through the
+    DBRP mappings, run with the read-only token Grafana gets. (Grafana itself sends them as GET, which
+    the 1.x-compatible description does not list; see the module docstring of tests/influx2_stub.py.)"""
+    tokens = _set_up(stub, database)
+    site = load_site(EXAMPLE_SITE)
+    asset, tag = next((a.id, t.name) for a, t in site.iter_tags())
+    with HistorianWriter(Connection(stub.url, database, token=tokens["writer"]), retry_deadline_s=5) as writer:
+        writer.write([telemetry_point(TagRef(site.site, asset, tag), 1.0, time.time_ns() - 10**9)])
+    reader = HistorianReader(Connection(stub.url, database, token=tokens["grafana"]))
+    now_ms = time.time_ns() // 10**6
+    values = {"site": site.site, "asset": asset, "tag": tag, "criticality": "A", "zone": "z", "sender": "s",
+              "timeFilter": f"time >= {now_ms - 3_600_000}ms AND time <= {now_ms}ms", "__interval": "1m"}  # fmt: skip
+    ran = 0
+    for dashboard in all_dashboards(site):
+        texts = [v.query for v in dashboard.variables] + [select.render() for _, select in dashboard.queries()]
+        for text in texts:
+            for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
+                text = text.replace(f"${name}", value)
+            reader.query(text)  # raises on a refused request or an InfluxQL error
+            ran += 1
+    assert ran > 20 and stub.rejected == []
 
 
 def test_the_stub_refuses_what_the_descriptions_do_not_define(stub: Influx2Stub, database: str) -> None:
