@@ -7,7 +7,10 @@ refuses anything the descriptions do not define; data lands in a real InfluxDB 1
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,6 +38,7 @@ from tests.influx2_stub import Influx2Stub, schemas_dir
 
 ORG = "flowline-org"
 ADMIN_TOKEN = "operator-" + uuid.uuid4().hex
+FLOWLINE = str(Path(sys.executable).parent / "flowline")
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +214,24 @@ def test_a_missing_schema_directory_says_how_to_set_it(monkeypatch: pytest.Monke
     monkeypatch.delenv(influx2_stub.SCHEMAS_ENV, raising=False)
     with pytest.raises(pytest.fail.Exception, match=re.escape("FLOWLINE_SCHEMAS_DIR=../shared/schemas")):
         schemas_dir()
+
+
+def test_setup_v2_command_writes_one_token_file_per_role(stub: Influx2Stub, database: str, tmp_path: Path) -> None:
+    config = tmp_path / "flowline.yaml"
+    text = f"site_file: {EXAMPLE_SITE}\ndata_dir: {tmp_path}\nhistorian:\n  url: {stub.url}\n  database: {database}\n"
+    config.write_text(text, encoding="utf-8")
+    env = {**os.environ, "OPERATOR_TOKEN": ADMIN_TOKEN}
+    args = ["historian", "setup-v2", "--config", str(config), "--admin-token-env", "OPERATOR_TOKEN", "--org", ORG,
+            "--role", "writer", "--role", "grafana", "--token-dir", str(tmp_path / "secrets")]  # fmt: skip
+    done = subprocess.run([FLOWLINE, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"mapped to {database}.raw" in done.stdout
+    files = sorted(p.name for p in (tmp_path / "secrets").iterdir())
+    assert files == ["influxdb_grafana_token", "influxdb_writer_token"]
+    token = (tmp_path / "secrets" / "influxdb_writer_token").read_text().strip()
+    assert (tmp_path / "secrets" / "influxdb_writer_token").stat().st_mode & 0o777 == 0o600
+    with HistorianWriter(Connection(stub.url, database, token=token), retry_deadline_s=5) as writer:
+        assert writer.write(_points(2)).written == 2
+    wrong = subprocess.run([FLOWLINE, *args[:-2], "--token-dir", str(tmp_path / "s2"), "--org", "nope"], env=env,
+                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr and "answered 404" in wrong.stderr
