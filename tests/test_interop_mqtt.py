@@ -18,7 +18,7 @@ import requests
 import yaml
 
 from flowline.collectors.mqtt import MqttCollector
-from flowline.collectors.sparkplug import DOUBLE, UINT64, Payload, RebirthLimiter
+from flowline.collectors.sparkplug import DOUBLE, UINT64, Payload, RebirthLimiter, RejectedWithRebirth, SparkplugHost
 from flowline.config import FlowlineConfig
 from flowline.inventory import SiteFileError, load_site
 from flowline.services import InfluxDServer, MosquittoServer, wait_until
@@ -289,3 +289,12 @@ def test_mqtt_collector_says_where_it_connected_at_default_verbosity(
     connected = next(line for line in lines if "connected to MQTT broker" in line)
     assert " INFO " in connected and f"mqtt://127.0.0.1:{mosquitto.port}" in connected
     assert "subscribed to plant/+/+/+" in connected
+
+
+def test_a_dbirth_before_its_nbirth_also_asks_for_a_rebirth(tmp_path: Path) -> None:
+    host = SparkplugHost(load_site(write_site(tmp_path)), 86400, allow_rebirth=True)
+    device = _payload(0, _metric("temp", 10, 20.0, DOUBLE))
+    with pytest.raises(RejectedWithRebirth) as raised:
+        host.handle("spBv1.0/G1/DBIRTH/E1/D1", device)
+    assert raised.value.reason == "data_before_birth"
+    assert raised.value.result.rebirth_topic == "spBv1.0/G1/NCMD/E1"

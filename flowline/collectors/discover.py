@@ -17,6 +17,7 @@ from asyncua.ua.uaerrors import UaError
 from rich.console import Console
 from rich.table import Table
 
+from flowline.collectors.opcua import quiet_asyncua
 from flowline.collectors.opcua_security import OpcUaSecurityError, apply_security
 from flowline.config import ConfigError, OpcUaEndpoint, OpcUaSecurity, load_config
 from flowline.inventory import Site, SiteFileError, load_site
@@ -93,6 +94,7 @@ def compare(site: Site, server: str, url: str, variables: list[Variable]) -> Dis
 
 
 async def discover_opcua(site: Site, endpoint: OpcUaEndpoint, server: str, rejected_dir: Path) -> Discovery:
+    quiet_asyncua()
     client = Client(endpoint.url, timeout=10)
     await apply_security(client, endpoint, server, rejected_dir, 10)
     async with client:

@@ -501,7 +501,9 @@ class SparkplugHost:
 
     def _dbirth(self, msg: Any, node: _Node, group: str, edge: str, device: str | None) -> HostResult:
         if not node.online or device is None:
-            raise Rejected("data_before_birth", f"DBIRTH for {group}/{edge}/{device} before its NBIRTH")
+            # a host that missed the NBIRTH asks for one, as for DATA (the node's rebirth repeats its DBIRTHs)
+            result = HostResult(rebirth_topic=self._rebirth_topic(group, edge) if device is not None else None)
+            raise RejectedWithRebirth(result, f"DBIRTH for {group}/{edge}/{device} before its NBIRTH")
         result = HostResult()
         self._check_seq(msg, node, group, edge, result)
         dev = node.devices[device] = _Device(online=True)
