@@ -1,7 +1,7 @@
 """A stand-in InfluxDB 2.x on a free loopback port, strict about every request it gets.
 
-Every request is checked against InfluxData's published OpenAPI descriptions (the directory in
-``FLOWLINE_SCHEMAS_DIR``): ``influxdb2-oss-openapi.yml`` for ``/api/v2/...`` and
+Every request is checked against InfluxData's published OpenAPI descriptions (from
+``$FLOWLINE_SCHEMAS_DIR``, see tests/conftest.py's `schema_file`): ``influxdb2-oss-openapi.yml`` for ``/api/v2/...`` and
 ``influxdb2-v1compat-openapi.yml`` for the 1.x-compatible ``/write`` and ``/query``. The path and
 method must be described; every query parameter must be declared (and fit its schema: type, enum),
 required ones present; declared headers must hold one of their allowed values; the body's content
@@ -38,36 +38,18 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
-import pytest
 import requests
 import yaml
 
-from flowline.services import InfluxDServer
+from flowline.lab.services import InfluxDServer
 
 JSON = dict[str, Any]
-SCHEMAS_ENV = "FLOWLINE_SCHEMAS_DIR"
 V2_FILE = "influxdb2-oss-openapi.yml"
 V1COMPAT_FILE = "influxdb2-v1compat-openapi.yml"
 # (path, query parameter) the descriptions omit but InfluxData documents for 2.x; each with its source
 NOT_IN_THE_DESCRIPTION = {
     ("/query", "epoch"): "https://docs.influxdata.com/influxdb/v2/reference/api/influxdb-1x/query/ (epoch)",
 }
-
-
-def schemas_dir() -> Path:
-    """The reference schema folder from ``FLOWLINE_SCHEMAS_DIR``; fails the test, saying how to set it."""
-    raw = os.environ.get(SCHEMAS_ENV)
-    hint = (
-        f"set {SCHEMAS_ENV} to the folder holding {V2_FILE} and {V1COMPAT_FILE} "
-        f"(in this checkout: {SCHEMAS_ENV}=../shared/schemas; .ci/run sets it)"
-    )
-    if not raw:
-        pytest.fail(f"{SCHEMAS_ENV} is not set: {hint}")
-    folder = Path(raw).resolve()
-    missing = [name for name in (V2_FILE, V1COMPAT_FILE) if not (folder / name).is_file()]
-    if missing:
-        pytest.fail(f"{SCHEMAS_ENV}={raw} lacks {missing}: {hint}")
-    return folder
 
 
 def _any_of(node: Any) -> Any:
@@ -304,9 +286,16 @@ class Influx2State:
 class Influx2Stub:
     """See the module docstring. ``requests`` lists (method, described path) of every accepted request."""
 
-    def __init__(self, schemas: Path, backing: InfluxDServer, admin_token: str, org: str = "flowline-org") -> None:
-        self.v2 = OpenApiContract(schemas / V2_FILE)
-        self.v1 = OpenApiContract(schemas / V1COMPAT_FILE)
+    def __init__(
+        self,
+        v2: OpenApiContract,
+        v1: OpenApiContract,
+        backing: InfluxDServer,
+        admin_token: str,
+        org: str = "flowline-org",
+    ) -> None:
+        self.v2 = v2
+        self.v1 = v1
         self.backing = backing
         self._ids = itertools.count(0x0A00000000000001)
         org_id = self._id()

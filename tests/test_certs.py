@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from flowline.collectors.opcua import OpcUaCollector
-from flowline.config import TlsClientConfig, TlsServerConfig
+from flowline.core.config import TlsClientConfig, TlsServerConfig
 from flowline.inventory import load_site
-from flowline.pki import CertificateAuthority
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.sim.opcua_server import SimOpcUaServer, server_certificate
 from flowline.relay.tls import client_context, peer_common_name, server_context
-from flowline.sim.opcua_server import SimOpcUaServer, server_certificate
 from tests.collectors_helpers import write_config, write_site
 from tests.test_collector_opcua import SIM_TAGS, _opcua_section, _run, _until, _values
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from flowline.config import HistorianConfig
+from flowline.core.config import HistorianConfig
+from flowline.core.points import FieldValue, Point, TagRef, telemetry_point
 from flowline.dashboards.annotations import read_flag_changes
 from flowline.dashboards.definitions import all_dashboards
 from flowline.historian.connection import Connection
@@ -30,25 +31,24 @@ from flowline.historian.setup import ROLES
 from flowline.historian.setup_v2 import setup_v2
 from flowline.historian.writer import HistorianWriter
 from flowline.inventory import load_site
-from flowline.points import FieldValue, Point, TagRef, telemetry_point
-from flowline.services import InfluxDServer
-from tests import influx2_stub
-from tests.conftest import EXAMPLE_SITE
-from tests.influx2_stub import Influx2Stub, schemas_dir
+from flowline.lab.services import InfluxDServer
+from tests.conftest import EXAMPLE_SITE, SCHEMAS_ENV, schema_file
+from tests.influx2_stub import V1COMPAT_FILE, V2_FILE, Influx2Stub, OpenApiContract
 
+pytestmark = pytest.mark.schemas
 ORG = "flowline-org"
 ADMIN_TOKEN = "operator-" + uuid.uuid4().hex
 FLOWLINE = str(Path(sys.executable).parent / "flowline")
 
 
 @pytest.fixture(scope="module")
-def schemas() -> Path:
-    return schemas_dir()
+def contracts() -> tuple[OpenApiContract, OpenApiContract]:
+    return OpenApiContract(schema_file(V2_FILE)), OpenApiContract(schema_file(V1COMPAT_FILE))
 
 
 @pytest.fixture
-def stub(schemas: Path, influx: InfluxDServer) -> Iterator[Influx2Stub]:
-    server = Influx2Stub(schemas, influx, ADMIN_TOKEN, ORG).start()
+def stub(contracts: tuple[OpenApiContract, OpenApiContract], influx: InfluxDServer) -> Iterator[Influx2Stub]:
+    server = Influx2Stub(*contracts, influx, ADMIN_TOKEN, ORG).start()
     yield server
     server.stop()
 
@@ -210,10 +210,13 @@ def test_the_stub_refuses_what_the_descriptions_do_not_define(stub: Influx2Stub,
     assert requests.post(f"{stub.url}/write", params={"db": database}, data="m v=1", timeout=5).status_code == 401
 
 
+@pytest.mark.schemas  # runs only where the variable is set, to show the message without it
 def test_a_missing_schema_directory_says_how_to_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(influx2_stub.SCHEMAS_ENV, raising=False)
-    with pytest.raises(pytest.fail.Exception, match=re.escape("FLOWLINE_SCHEMAS_DIR=../shared/schemas")):
-        schemas_dir()
+    monkeypatch.delenv(SCHEMAS_ENV)
+    with pytest.raises(
+        pytest.fail.Exception, match=re.escape(f"{SCHEMAS_ENV} is not set: point it at the folder holding {V2_FILE}")
+    ):
+        schema_file(V2_FILE)
 
 
 def test_setup_v2_command_writes_one_token_file_per_role(stub: Influx2Stub, database: str, tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import requests
 
-from flowline.points import TagRef, telemetry_point
-from flowline.services import InfluxDServer
+from flowline.core.points import TagRef, telemetry_point
+from flowline.lab.services import InfluxDServer
 from tests.conftest import REPO
 
 DOC = REPO / "docs" / "measurements.md"

@@ -19,9 +19,9 @@ import yaml
 
 from flowline.collectors.mqtt import MqttCollector
 from flowline.collectors.sparkplug import DOUBLE, UINT64, Payload, RebirthLimiter, RejectedWithRebirth, SparkplugHost
-from flowline.config import FlowlineConfig
+from flowline.core.config import FlowlineConfig
 from flowline.inventory import SiteFileError, load_site
-from flowline.services import InfluxDServer, MosquittoServer, wait_until
+from flowline.lab.services import InfluxDServer, MosquittoServer, wait_until
 from tests.collectors_helpers import ODD_TAG, publisher, telemetry, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 from tests.test_collector_sparkplug import _double, _sub, _text, _uint

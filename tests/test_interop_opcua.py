@@ -13,10 +13,10 @@ from typing import Any
 from asyncua import ua
 
 from flowline.collectors.opcua import OpcUaCollector
+from flowline.core.points import Quality
 from flowline.inventory import load_site
-from flowline.pki import CertificateAuthority
-from flowline.points import Quality
-from flowline.sim.opcua_server import SimOpcUaServer, server_certificate
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.sim.opcua_server import SimOpcUaServer, server_certificate
 from tests.collectors_helpers import write_config, write_site
 from tests.test_collector_opcua import NONE, SIM_TAGS, _opcua_section, _run, _until, _values
 

@@ -55,8 +55,10 @@ COMMANDS: dict[str, LazyCommand] = {
         "every",
     ),
     "certs": LazyCommand(
-        "flowline.certs:certs",
+        "flowline.lab.certs:certs",
         "Make the relay CA, gateway and sender certificates and the OPC UA client certificate.",
+        "flowline-plant-lab",
+        "lab",
     ),
     "collect": LazyCommand(
         "flowline.collectors.cli:collect",

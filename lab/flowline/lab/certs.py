@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import click
 
-from flowline.pki import CertFiles, CertificateAuthority, issue_certificate
+from flowline.lab.pki import CertFiles, CertificateAuthority, issue_certificate
 
 DEFAULT_URI = "urn:flowline:collector"
 
