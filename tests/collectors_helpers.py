@@ -39,7 +39,7 @@ def write_site(folder: Path, opcua_tags: list[dict[str, Any]] | None = None, nam
             "name": "odd",
             "type": "pump",
             "criticality": "C",
-            "tags": [{"name": ODD_TAG, "source": {"mqtt": {"topic": "plant/odd topic, with=signs"}}}],
+            "tags": [{"name": ODD_TAG, "type": "string", "source": {"mqtt": {"topic": "plant/odd topic, with=signs"}}}],
         },
     ]
     if opcua_tags:

@@ -30,7 +30,7 @@ SIM_TAGS: list[dict[str, Any]] = [
 ]
 # Tags the collector knows but the simulator's site file does not: added with add_variable per test.
 EXTRA_TAGS: list[dict[str, Any]] = [
-    {"name": n, "source": {"opcua": {"node": f"ns=2;s=U-1.{n}"}}}
+    {"name": n, "source": {"opcua": {"node": f"ns=2;s=U-1.{n}"}}} | ({"type": "string"} if n == "text" else {})
     for n in ("flag", "count", "text", "when", "arr", "missing")
 ]
 

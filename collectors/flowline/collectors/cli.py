@@ -36,6 +36,11 @@ def _load(config_file: Path) -> FlowlineConfig:
 
 def _run(make: type[_Collector], config: FlowlineConfig, name: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `flowline` already configured the root logger at WARNING (basicConfig above is then a no-op):
+    # a collector's connections and subscriptions are INFO and must show at default verbosity.
+    ours = logging.getLogger("flowline")
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)
     try:
         collector = make(config)  # type: ignore[call-arg]
     except (FlowlineError, ValueError) as exc:

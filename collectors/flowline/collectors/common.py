@@ -22,7 +22,7 @@ from flowline.core.config import FlowlineConfig
 from flowline.core.deadletter import DeadLetterFile
 from flowline.core.errors import FlowlineError
 from flowline.core.metrics import Metrics, MetricsReporter
-from flowline.core.points import TELEMETRY, Point
+from flowline.core.points import TELEMETRY, FieldValue, Point, TagRef
 from flowline.core.spool import SpoolError, SpoolFullError, SpoolWriter, encode_points
 from flowline.inventory import load_site
 
@@ -73,6 +73,29 @@ def check_timestamp(ts_ns: int, window_s: float) -> int:
             f" is more than {window_s:.0f}s away from now",
         )
     return ts_ns
+
+
+def check_type(ref: TagRef, value: FieldValue) -> FieldValue:
+    """One rule for every source: a value must fit its tag's ``type`` in the site file, or it is refused.
+
+    ``number`` tags take numbers and booleans (stored as 1.0/0.0: PLC bits are trended as numbers),
+    ``boolean`` tags take booleans and the numbers 0 and 1, ``string`` tags take strings. Anything else
+    (``"high"`` or ``"NaN"`` on a number tag, 21.5 on a string tag) raises `Rejected` ``wrong_type``: it is
+    counted and dead-lettered, never stored as a good value of the wrong kind.
+    """
+    kind = ref.value_type
+    if kind == "number" and not isinstance(value, str):
+        return value
+    if kind == "boolean" and (isinstance(value, bool) or (not isinstance(value, str) and value in (0, 1))):
+        return bool(value)
+    if kind == "string" and isinstance(value, str):
+        return value
+    got = "a boolean" if isinstance(value, bool) else "a string" if isinstance(value, str) else "a number"
+    raise Rejected(
+        "wrong_type",
+        f"{ref.asset}/{ref.tag} is a {kind} tag but got {got} ({value!r:.60}); "
+        "if it really carries such values, set the tag's type in the site file",
+    )
 
 
 def check_finite(value: float) -> float:

@@ -12,16 +12,19 @@ import click
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
+from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError
 from rich.console import Console
 from rich.table import Table
 
+from flowline.collectors.opcua import quiet_asyncua
 from flowline.collectors.opcua_security import OpcUaSecurityError, apply_security
 from flowline.core.config import OpcUaEndpoint, OpcUaSecurity, load_config
 from flowline.core.errors import ConfigError
 from flowline.inventory import Site, SiteFileError, load_site
 
 MAX_DEPTH = 12  # browse depth guard: address spaces can have reference cycles
+HAS_PROPERTY = ua.NodeId(ua.Int32(ObjectIds.HasProperty))
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,12 @@ class Discovery:
 
 
 async def browse_variables(client: Client) -> list[Variable]:
-    """Every Variable under Objects outside namespace 0 (the server's own diagnostics)."""
+    """Every signal under Objects outside namespace 0 (the server's own diagnostics).
+
+    A signal is a Variable reached by a non-property reference (Organizes, HasComponent, ...). The
+    Properties of a variable (HasProperty: EURange, EngineeringUnits, InstrumentRange, EnumStrings of
+    an analog or discrete item) describe it and are not listed, nor browsed into.
+    """
     found: list[Variable] = []
     seen: set[ua.NodeId] = set()
     stack: list[tuple[Node, str, int]] = [(client.nodes.objects, "0:Objects", 0)]
@@ -56,7 +64,7 @@ async def browse_variables(client: Client) -> list[Variable]:
         refs = await node.get_children_descriptions()
         for ref in refs:
             child = ref.NodeId
-            if child in seen or child.NamespaceIndex == 0:
+            if child in seen or child.NamespaceIndex == 0 or ref.ReferenceTypeId == HAS_PROPERTY:
                 continue
             seen.add(child)
             child_path = f"{path}/{ref.BrowseName.NamespaceIndex}:{ref.BrowseName.Name}"
@@ -87,6 +95,7 @@ def compare(site: Site, server: str, url: str, variables: list[Variable]) -> Dis
 
 
 async def discover_opcua(site: Site, endpoint: OpcUaEndpoint, server: str, rejected_dir: Path) -> Discovery:
+    quiet_asyncua()
     client = Client(endpoint.url, timeout=10)
     await apply_security(client, endpoint, server, rejected_dir, 10)
     async with client:

@@ -163,7 +163,10 @@ class MqttCollector:
         client.subscribe([(f, int(self.cfg.qos)) for f in self.subscriptions()])
         if self.cfg.sparkplug_host_id:
             client.publish(self._state_topic(), self._state_payload(True), qos=1, retain=True)
-        log.info("connected to %s (session present: %s)", self.target, flags.session_present)
+        log.info(
+            "connected to MQTT broker %s, subscribed to %s (session present: %s)",
+            self.target, ", ".join(self.subscriptions()), flags.session_present,
+        )  # fmt: skip
         self.connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -267,7 +270,9 @@ class MqttCollector:
 
     def _rebirth(self, topic: str | None) -> None:
         if topic is not None:
-            log.warning("asking %s to rebirth", topic)
+            group, _, edge = topic.split("/")[1:4]
+            log.info("asking Sparkplug edge node %s/%s to rebirth (Node Control/Rebirth on %s)", group, edge, topic)
+            self.metrics.inc("rebirth_requests_total", sender=f"{group}/{edge}")
             self.client.publish(topic, rebirth_payload(), qos=0)
 
     def decode(self, topic: str, payload: bytes) -> list[Point]:

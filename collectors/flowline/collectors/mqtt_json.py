@@ -7,7 +7,10 @@ Payload shapes (each value becomes one telemetry point):
   milliseconds (or micro/nanoseconds, told apart by magnitude) or ISO 8601; ``quality`` as
   ``good|uncertain|bad``, 0/1/2 or a raw OPC UA status code;
 * an object keyed by the tag's ``json_key`` (``{"temp": 21.5, "rpm": 1480}``);
-* a batch: a JSON array of any of the above.
+* a batch: a JSON array of any of the above. Elements without their own ``ts`` are stamped with
+  the receive time plus their position in nanoseconds (element 0 at the receive time, element 1
+  one nanosecond later, ...): InfluxDB keeps one value per tag and timestamp, so a shared receive
+  time would keep only the last element. Give each element a ``ts`` for its real sample time.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from flowline.collectors.common import Rejected, check_finite, check_timestamp
+from flowline.collectors.common import Rejected, check_finite, check_timestamp, check_type
 from flowline.core.points import FieldValue, Point, Quality, TagRef, telemetry_point
 from flowline.inventory import Site
 
@@ -36,7 +39,8 @@ class TopicTarget:
 
 
 class TopicMap:
-    """Exact topics from the site file, then templates such as ``plant/{site}/{asset}/{tag}``."""
+    """Exact topics from the site file, then templates such as ``plant/{site}/{asset}/{tag}``: a listed
+    asset's tag, or (``asset_patterns`` in the site file) a tag of the type of a pattern-matched asset."""
 
     def __init__(self, site: Site, templates: list[str]) -> None:
         self.site = site
@@ -69,6 +73,10 @@ class TopicMap:
             tag = self.site.tag(groups.get("asset", ""), groups.get("tag", ""))
             if asset is not None and tag is not None:
                 return [TopicTarget(self.site.tag_ref(asset, tag), None)]
+            # many similar devices: an asset id matching an asset pattern, a tag of its asset type
+            ref = self.site.pattern_tag_ref(groups.get("asset", ""), groups.get("tag", ""))
+            if ref is not None:
+                return [TopicTarget(ref, None)]
         return []
 
 
@@ -158,7 +166,7 @@ def _sample(item: Any, target: TopicTarget, now_ns: int, window_s: float) -> Poi
         if "quality" in item:
             quality, status = parse_quality(item["quality"])
         item = item["value"]
-    return telemetry_point(target.ref, scalar(item), ts_ns, quality, status)
+    return telemetry_point(target.ref, check_type(target.ref, scalar(item)), ts_ns, quality, status)
 
 
 def decode_json(payload: bytes, targets: list[TopicTarget], window_s: float) -> list[Point]:
@@ -169,4 +177,5 @@ def decode_json(payload: bytes, targets: list[TopicTarget], window_s: float) -> 
         raise _refusal(payload, exc) from exc
     now_ns = time.time_ns()
     items = document if isinstance(document, list) else [document]
-    return [_sample(item, target, now_ns, window_s) for item in items for target in targets]
+    # + position: distinct timestamps, so no element overwrites another (see the module docstring)
+    return [_sample(item, target, now_ns + i, window_s) for i, item in enumerate(items) for target in targets]

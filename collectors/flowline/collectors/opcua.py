@@ -34,8 +34,8 @@ from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
 from flowline.collectors import opcua_deadband
-from flowline.collectors.common import CollectorRuntime, Rejected, check_timestamp
-from flowline.collectors.opcua_security import OpcUaSecurityError, apply_security
+from flowline.collectors.common import CollectorRuntime, Rejected, check_timestamp, check_type
+from flowline.collectors.opcua_security import OpcUaSecurityError, apply_security, offered_endpoints
 from flowline.core.config import FlowlineConfig, OpcUaCollectorConfig, OpcUaEndpoint
 from flowline.core.errors import FlowlineError
 from flowline.core.points import FieldValue, Point, Quality, TagRef, telemetry_point
@@ -61,6 +61,8 @@ _UNREADABLE = {
     StatusCodes.BadAttributeIdInvalid,
     StatusCodes.BadNotReadable,
 }
+# the server will not talk with our security policy/mode: a configuration error, not an outage
+_MODE_REFUSALS = {StatusCodes.BadSecurityModeRejected, StatusCodes.BadSecurityPolicyRejected}
 _USER_REFUSALS = {
     StatusCodes.BadUserAccessDenied,
     StatusCodes.BadIdentityTokenInvalid,
@@ -131,11 +133,15 @@ class ValueConverter:
                 raise Rejected("array_rejected", f"array of {len(value)} values (config arrays: reject)")
             return [
                 telemetry_point(
-                    dataclasses.replace(ref, extra={**ref.extra, "index": str(i)}), _scalar(v), ts, quality, code
+                    dataclasses.replace(ref, extra={**ref.extra, "index": str(i)}),
+                    check_type(ref, _scalar(v)),
+                    ts,
+                    quality,
+                    code,
                 )
                 for i, v in enumerate(value)
             ]
-        return [telemetry_point(ref, _scalar(value), ts, quality, code)]
+        return [telemetry_point(ref, check_type(ref, _scalar(value)), ts, quality, code)]
 
 
 class ServerSession:
@@ -171,6 +177,12 @@ class ServerSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._refusal_backfill: asyncio.Task[None] | None = None
         runtime.sink.on_accepting(self._spool_accepting)
+        self._told: str | None = None  # the failure last logged, not repeated until something changes
+
+    def _tell(self, level: int, message: str) -> None:
+        """One line per event: a retry that fails the same way again is logged at DEBUG only."""
+        log.log(level if message != self._told else logging.DEBUG, "%s", message)
+        self._told = message
 
     # --- main loop -------------------------------------------------------------------------------
 
@@ -187,15 +199,20 @@ class ServerSession:
             try:
                 await self._connect(client, lost)
                 delay = self.cfg.reconnect_min_s
+                self._told = None
                 await _wait_any(stop, lost)
                 if not stop.is_set():
                     log.warning("OPC UA session to %s (%s) lost; reconnecting", self.name, self.target)
             except OpcUaSecurityError as exc:
                 self.last_error = exc
-                log.error("%s", exc)
+                self._tell(logging.ERROR, str(exc))
             except (TimeoutError, OSError, UaError, ConnectionError) as exc:
                 self.last_error = exc
-                log.warning("OPC UA server %s (%s) unavailable: %r", self.name, self.target, exc)
+                self._tell(
+                    logging.WARNING,
+                    f"OPC UA server {self.name} ({self.target}) unavailable: {type(exc).__name__}: {exc}".rstrip(": ")
+                    + f"; retrying with back-off ({self.cfg.reconnect_min_s:g} to {self.cfg.reconnect_max_s:g} s)",
+                )
             except Exception as exc:
                 self.last_error = exc
                 log.exception("OPC UA session to %s (%s) failed", self.name, self.target)
@@ -225,6 +242,8 @@ class ServerSession:
             # asyncua's open_secure_channel asserts on the server's error reply instead of raising it
             raise self._refused("refused the secure channel") from exc
         except UaStatusCodeError as exc:
+            if exc.code in _MODE_REFUSALS:
+                raise await self._mismatch(type(exc).__name__) from exc
             if exc.code in _CERT_REFUSALS:
                 raise self._refused(f"refused the session ({type(exc).__name__})") from exc
             if exc.code in _USER_REFUSALS:
@@ -232,6 +251,11 @@ class ServerSession:
                     f"OPC UA server {self.name!r} ({self.target}) rejected user {self.endpoint.username!r}: "
                     f"{type(exc).__name__}; check servers.{self.name}.username and password"
                 ) from exc
+            raise
+        except UaError as exc:
+            # asyncua's own check after CreateSession: the server has no endpoint for our policy and mode
+            if str(exc).startswith("No matching endpoints"):
+                raise await self._mismatch("no matching endpoint") from exc
             raise
         self.connections += 1
         if self.connections > 1:
@@ -245,11 +269,28 @@ class ServerSession:
         await self._subscribe(client)
         self._client = client
         self.connected.set()
-        log.info("OPC UA %s (%s): %d monitored items", self.name, self.target, len(self._by_handle))
+        sec = self.endpoint.security
+        log.info(
+            "connected to OPC UA server %s (%s, security %s/%s): %d monitored items",
+            self.name, self.target, sec.policy, sec.mode, len(self._by_handle),
+        )  # fmt: skip
         if self.connections > 1 and self.cfg.history_backfill:
             # the first live notifications mark where the backfill must stop (no duplicates)
             await asyncio.sleep(2 * self.cfg.publishing_interval_ms / 1000)
             await self._backfill(client, gap_start, outage_end)
+
+    async def _mismatch(self, refusal: str) -> OpcUaSecurityError:
+        """A configuration error naming the settings, and what the server offers instead."""
+        sec = self.endpoint.security
+        try:
+            offers = ", ".join(await offered_endpoints(self.target, self.cfg.keepalive_timeout_s))
+        except (TimeoutError, OSError, UaError) as exc:
+            offers = f"(cannot list its endpoints: {exc!r})"
+        return OpcUaSecurityError(
+            f"configuration error: OPC UA server {self.name!r} ({self.target}) does not accept security policy "
+            f"{sec.policy} with mode {sec.mode} ({refusal}); it offers {offers}. Set "
+            f"collectors.opcua.servers.{self.name}.security.policy and .mode to one of those"
+        )
 
     def _refused(self, what: str) -> OpcUaSecurityError:
         return OpcUaSecurityError(
@@ -397,6 +438,9 @@ class ServerSession:
             # anything unforeseen in one value must not lose the rest of its publish response
             self._reject(tag, dv, Rejected("wrong_type", f"cannot convert: {type(exc).__name__}: {exc}"))
             return
+        if dv.StatusCode is not None and Quality.from_status_code(dv.StatusCode.value) is Quality.BAD:
+            # stored (quality 2, the raw code in `status`) and counted: data that explains a gap, not a reject
+            self.metrics.inc("bad_status_total", len(points), server=self.name)
         if origin is None and dv.SourceTimestamp is not None:
             # only the server's own sample times bound a HistoryRead (not a shutdown notice's local time)
             tag.last_ts_ns = max(tag.last_ts_ns or 0, points[0].timestamp_ns)
@@ -513,6 +557,31 @@ class _Handler:
         self.session._on_event(DataChangeEvent(node=node, value=val, data=data))
 
 
+class _OneLine(logging.Handler):
+    """asyncua's records as one line each on our logger, at DEBUG and without their tracebacks.
+
+    asyncua logs a 25-line traceback for every refused secure channel, a "Publish iteration crashed"
+    traceback on every server death and a session-timeout warning on every connect: events the
+    collector already reports in one line of its own (connected, lost, unavailable, refused). Only a
+    crash in a callback of ours (asyncua says "callback") stays an error.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage() + (f" ({type(exc).__name__}: {exc})" if exc is not None else "")
+        ours = record.levelno >= logging.ERROR and "callback" in text
+        log.log(logging.ERROR if ours else logging.DEBUG, "asyncua: %s", text)
+
+
+def quiet_asyncua() -> None:
+    """Route asyncua's logging through `_OneLine` (idempotent)."""
+    library = logging.getLogger("asyncua")
+    library.setLevel(logging.WARNING)  # INFO formats every publish response
+    library.propagate = False
+    if not any(isinstance(h, _OneLine) for h in library.handlers):
+        library.addHandler(_OneLine())
+
+
 async def _wait_any(*events: asyncio.Event) -> None:
     waiters = [asyncio.ensure_future(e.wait()) for e in events]
     try:
@@ -580,7 +649,7 @@ class OpcUaCollectorProcess:
         self._loop.run_until_complete(self.collector.run(self._stop))
 
     def start(self) -> None:
-        logging.getLogger("asyncua").setLevel(logging.WARNING)  # INFO formats every publish response
+        quiet_asyncua()
         self._thread.start()
 
     def stop(self) -> None:

@@ -80,6 +80,15 @@ def _untrusted(
     )
 
 
+def _offered(endpoints: list[ua.EndpointDescription]) -> list[str]:
+    return sorted({f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}" for e in endpoints})
+
+
+async def offered_endpoints(url: str, timeout_s: float) -> list[str]:
+    """The policy/mode pairs a server offers, e.g. ``Basic256Sha256/SignAndEncrypt`` (unsecured GetEndpoints)."""
+    return _offered(await Client(url, timeout=timeout_s).connect_and_get_server_endpoints())
+
+
 async def trusted_server_certificate(
     endpoint: OpcUaEndpoint, server_name: str, rejected_dir: Path, timeout_s: float
 ) -> bytes:
@@ -91,10 +100,10 @@ async def trusted_server_certificate(
     try:
         chosen = Client.find_endpoint(endpoints, MODES[sec.mode], policy.URI)
     except UaError as exc:
-        offered = sorted({f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}" for e in endpoints})
         raise OpcUaSecurityError(
-            f"OPC UA server {server_name!r} ({endpoint.url}) offers no {sec.policy}/{sec.mode} endpoint; "
-            f"it offers {', '.join(offered)}"
+            f"configuration error: OPC UA server {server_name!r} ({endpoint.url}) offers no {sec.policy}/{sec.mode} "
+            f"endpoint; it offers {', '.join(_offered(endpoints))}. Set "
+            f"collectors.opcua.servers.{server_name}.security.policy and .mode to one of those"
         ) from exc
     der = _first_cert(chosen.ServerCertificate)
     cert = x509.load_der_x509_certificate(der)

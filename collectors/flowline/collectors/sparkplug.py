@@ -25,6 +25,14 @@ an unknown field. How a metric becomes telemetry, for the site tag whose ``metri
   (``wrong_type``) when the site maps such a metric; unmapped metrics of any type are only counted
   as unknown.
 
+A host that starts after its edge nodes (or missed a BIRTH) has no metric definitions for their
+DATA. With ``allow_rebirth`` (the default, as Sparkplug 3.0 expects of a host) it rejects that DATA
+(``data_before_birth``) and asks the edge node to rebirth with a ``Node Control/Rebirth`` NCMD; a
+sequence gap asks the same. Requests are rate-limited per edge node (`RebirthLimiter`): the first is
+sent at once, later ones wait 2 s, then 4 s, ... up to 60 s since the previous one, so a burst of
+DATA (one per device, per second) brings one rebirth, not one per message. Without ``allow_rebirth``
+the DATA is rejected until the edge node reconnects on its own, and the log says so once per node.
+
 A bad metric (undefined alias, unsupported type, timestamp outside the window, short DataSet row)
 is rejected on its own, in ``HostResult.rejects``: the collector logs, counts and dead-letters it,
 and the message's other metrics still land. A bad message (not a Sparkplug payload, DATA before
@@ -34,6 +42,7 @@ BIRTH, a BIRTH metric without a name) raises `Rejected` and is rejected whole.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -41,11 +50,15 @@ from typing import Any, NamedTuple
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
-from flowline.collectors.common import Rejected, check_timestamp
+from flowline.collectors.common import Rejected, check_timestamp, check_type
 from flowline.core.points import FieldValue, Point, Quality, TagRef, telemetry_point
 from flowline.inventory import Site
 
+log = logging.getLogger(__name__)
+
 NAMESPACE = "spBv1.0"
+REBIRTH_MIN_INTERVAL_S = 2.0  # back-off between rebirth requests to one edge node: 2, 4, 8 ... 60 s
+REBIRTH_MAX_INTERVAL_S = 60.0
 BAD_NO_COMMUNICATION = 0x80310000  # OPC UA StatusCode used for "edge node / device offline"
 QUALITY_PROPERTY = "Quality"  # Ignition's per-metric quality (an Ignition 8 QualityCode)
 
@@ -386,6 +399,33 @@ class _Reading:
         return f"{self.group}/{self.edge}/{self.device or ''}/{name}"
 
 
+class RebirthLimiter:
+    """At most one rebirth request per edge node per back-off interval (see the module docstring).
+
+    The interval doubles with every request sent to the node and starts again from the minimum once
+    the node went a whole maximum interval without needing one.
+    """
+
+    def __init__(self, min_s: float = REBIRTH_MIN_INTERVAL_S, max_s: float = REBIRTH_MAX_INTERVAL_S) -> None:
+        self.min_s = min_s
+        self.max_s = max_s
+        self._last: dict[tuple[str, str], tuple[float, float]] = {}  # node -> (sent at, next interval)
+        self.suppressed = 0
+
+    def allow(self, node: tuple[str, str], now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        last = self._last.get(node)
+        if last is None or now - last[0] > self.max_s:
+            self._last[node] = (now, self.min_s)  # first request, or the first after a quiet spell
+            return True
+        sent_at, interval = last
+        if now - sent_at < interval:
+            self.suppressed += 1
+            return False
+        self._last[node] = (now, min(interval * 2, self.max_s))
+        return True
+
+
 class SparkplugHost:
     """Per edge node state: birth definitions and aliases, bdSeq, seq; maps metrics to site tags."""
 
@@ -393,6 +433,8 @@ class SparkplugHost:
         self.site = site
         self.window_s = window_s
         self.allow_rebirth = allow_rebirth
+        self.rebirths = RebirthLimiter()
+        self._told_no_rebirth: set[tuple[str, str]] = set()
         self.nodes: dict[tuple[str, str], _Node] = {}
         self.refs: dict[tuple[str, str, str | None, str], TagRef] = {}
         for asset, tag in site.iter_tags("sparkplug"):
@@ -439,8 +481,13 @@ class SparkplugHost:
         node.seq = msg.seq
         if expected is not None and msg.seq != expected:
             result.sequence_gap = True
-            if self.allow_rebirth:
-                result.rebirth_topic = f"{NAMESPACE}/{group}/NCMD/{edge}"
+            result.rebirth_topic = self._rebirth_topic(group, edge)
+
+    def _rebirth_topic(self, group: str, edge: str) -> str | None:
+        """The NCMD topic when a rebirth request is allowed and due for this edge node, else None."""
+        if not self.allow_rebirth or not self.rebirths.allow((group, edge)):
+            return None
+        return f"{NAMESPACE}/{group}/NCMD/{edge}"
 
     def _nbirth(self, msg: Any, node: _Node, group: str, edge: str, device: str | None) -> HostResult:
         result = HostResult()
@@ -454,7 +501,9 @@ class SparkplugHost:
 
     def _dbirth(self, msg: Any, node: _Node, group: str, edge: str, device: str | None) -> HostResult:
         if not node.online or device is None:
-            raise Rejected("data_before_birth", f"DBIRTH for {group}/{edge}/{device} before its NBIRTH")
+            # a host that missed the NBIRTH asks for one, as for DATA (the node's rebirth repeats its DBIRTHs)
+            result = HostResult(rebirth_topic=self._rebirth_topic(group, edge) if device is not None else None)
+            raise RejectedWithRebirth(result, f"DBIRTH for {group}/{edge}/{device} before its NBIRTH")
         result = HostResult()
         self._check_seq(msg, node, group, edge, result)
         dev = node.devices[device] = _Device(online=True)
@@ -475,9 +524,16 @@ class SparkplugHost:
         dev = node.node if device is None else node.devices.get(device)
         if not node.online or dev is None or not dev.online:
             where = f"{group}/{edge}" + (f"/{device}" if device else "")
-            result = HostResult()
-            if self.allow_rebirth:
-                result.rebirth_topic = f"{NAMESPACE}/{group}/NCMD/{edge}"
+            result = HostResult(rebirth_topic=self._rebirth_topic(group, edge))
+            if not self.allow_rebirth and (group, edge) not in self._told_no_rebirth:
+                self._told_no_rebirth.add((group, edge))
+                log.warning(
+                    "Sparkplug edge node %s/%s sends DATA but this host has not seen its BIRTH (the host "
+                    "started after it, or missed it): its data is rejected until it reconnects. Set "
+                    "collectors.mqtt.sparkplug_allow_rebirth: true to ask it to rebirth, or restart the edge node",
+                    group,
+                    edge,
+                )
             raise RejectedWithRebirth(result, f"DATA from {where} before its BIRTH (no metric definitions)")
         result = HostResult()
         self._check_seq(msg, node, group, edge, result)
@@ -608,7 +664,7 @@ class SparkplugHost:
         if value is None:
             reading.result.points.append(telemetry_point(ref, "", ts_ns, Quality.BAD, quality_code))
         else:
-            reading.result.points.append(telemetry_point(ref, value, ts_ns, quality, quality_code))
+            reading.result.points.append(telemetry_point(ref, check_type(ref, value), ts_ns, quality, quality_code))
 
 
 class RejectedWithRebirth(Rejected):

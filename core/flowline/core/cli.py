@@ -54,6 +54,12 @@ COMMANDS: dict[str, LazyCommand] = {
         "flowline-plant-inventory",
         "every",
     ),
+    "certs": LazyCommand(
+        "flowline.lab.certs:certs",
+        "Make the relay CA, gateway and sender certificates and the OPC UA client certificate.",
+        "flowline-plant-lab",
+        "lab",
+    ),
     "collect": LazyCommand(
         "flowline.collectors.cli:collect",
         "OT collectors (OPC UA, MQTT): subscribe, map to site tags, append to the OT spool.",

@@ -101,7 +101,9 @@ class MqttCollectorConfig(_Section):
     topic_templates: list[str] = []
     sparkplug_groups: list[str] = []
     sparkplug_host_id: str | None = None
-    sparkplug_allow_rebirth: bool = False
+    # Sparkplug 3.0: a host that lacks an edge node's BIRTH (it started later) must ask for a rebirth,
+    # or it rejects that node's data until the node reconnects (sparkplug.py, RebirthLimiter).
+    sparkplug_allow_rebirth: bool = True
     max_payload_bytes: int = Field(default=256 * 1024, gt=0)
     timestamp_window_s: float = Field(default=7 * 86400, gt=0)
     batch_max_points: int = Field(default=5000, gt=0)

@@ -76,6 +76,7 @@ class TagRef:
     tag: str
     unit: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    value_type: str = "number"  # the site file's tag type: number, boolean or string (collectors check it)
 
 
 def telemetry_point(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from flowline.core.config import FlowlineConfig, HistorianConfig, load_config
 from flowline.core.deadletter import DeadLetterFile
 from flowline.core.errors import ConfigError, FlowlineError
 from flowline.core.secrets import SecretError, SecretRef
-from flowline.historian.connection import Connection
+from flowline.historian.connection import Connection, error_message
 from flowline.historian.errors import HistorianError, HistorianUnavailableError
 from flowline.historian.paths import dead_letter_path, rollup_checkpoint_path
 from flowline.historian.rollups import RollupJob
@@ -61,8 +62,13 @@ def historian() -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="Install config YAML.")
 @click.option("--admin-user", default="admin", show_default=True, help="InfluxDB admin account.")
 @click.option("--admin-password-env", required=True, metavar="VAR", help="Environment variable with its password.")
-@click.option("--account", "accounts", multiple=True, metavar="ROLE=NAME:env:VAR",
-              help=f"Create/update a role account ({', '.join(ROLES)}); repeatable.")
+@click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    metavar="ROLE=NAME:env:VAR",
+    help=f"Create/update a role account ({', '.join(ROLES)}); repeatable.",
+)
 def setup(config_path: Path, admin_user: str, admin_password_env: str, accounts: tuple[str, ...]) -> None:
     """Create the database, the retention tiers (raw, rollup_1m, rollup_1h) and least-privilege users
     (InfluxDB 1.x). Safe to re-run: it converges to the config.
@@ -76,7 +82,7 @@ def setup(config_path: Path, admin_user: str, admin_password_env: str, accounts:
     """
     _, hist = _load(config_path)
     if hist.api != "v1":
-        raise click.ClickException("setup of InfluxDB 2.x: use flowline.historian.setup_v2.setup_v2 (see its docs)")
+        raise click.ClickException("setup of InfluxDB 2.x: use 'flowline historian setup-v2'")
     parsed = dict(_account(a) for a in accounts)
     try:
         password = SecretRef(env=admin_password_env).read()
@@ -85,6 +91,52 @@ def setup(config_path: Path, admin_user: str, admin_password_env: str, accounts:
             click.echo(statement)
     except (FlowlineError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@historian.command("setup-v2")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="Install config YAML.")
+@click.option("--admin-token-env", required=True, metavar="VAR", help="Environment variable with an operator token.")
+@click.option("--org", required=True, help="The InfluxDB organization.")
+@click.option("--role", "roles", multiple=True, type=click.Choice(ROLES),
+              help="Create an API token for this role; repeatable (default: every role).")  # fmt: skip
+@click.option("--token-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the new tokens, one file influxdb_<role>_token each (mode 0600).")  # fmt: skip
+def setup_v2_command(
+    config_path: Path, admin_token_env: str, org: str, roles: tuple[str, ...], token_dir: Path
+) -> None:
+    """InfluxDB 2.x: a bucket per retention tier, the DBRP mappings InfluxQL and the 1.x-compatible
+    API use, and one least-privilege API token per role. Buckets and mappings converge; tokens are new.
+
+    \b
+    Example:
+      export INFLUX_OPERATOR_TOKEN=…
+      flowline historian setup-v2 --config flowline.yaml --admin-token-env INFLUX_OPERATOR_TOKEN \\
+        --org flowline --token-dir docker/secrets
+    """
+    import urllib3
+    from influxdb_client.rest import ApiException
+
+    from flowline.historian.setup_v2 import setup_v2
+
+    _, hist = _load(config_path)
+    try:
+        result = setup_v2(hist.url, SecretRef(env=admin_token_env).read(), org, hist, roles or ROLES)
+    except SecretError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except ApiException as exc:
+        raise click.ClickException(f"InfluxDB at {hist.url} answered {exc.status}: {error_message(exc.body)}") from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise click.ClickException(f"InfluxDB at {hist.url} is unreachable: {exc}") from exc
+    for line in result.done:
+        click.echo(line)
+    token_dir.mkdir(parents=True, exist_ok=True)
+    for role, token in result.tokens.items():
+        path = token_dir / f"influxdb_{role}_token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        path.chmod(0o600)
+        click.echo(f"token for role {role} written to {path}")
 
 
 @historian.command()

@@ -26,8 +26,9 @@ then target it. (With 2.x/3.x tokens the same split is per bucket.)
 
 InfluxDB 2.x (`flowline.historian.setup_v2.setup_v2`): a bucket per tier with its retention rule,
 the DBRP mappings that let InfluxQL and the v1 write API address them as ``db.raw``,
-``db.rollup_1m`` and ``db.rollup_1h``, and v1 (username/password) authorizations per role scoped to
-those buckets. NOT TESTED here: only InfluxDB 1.6 is installable on the build machines. InfluxDB 3
+``db.rollup_1m`` and ``db.rollup_1h``, and an API token per role scoped to those buckets (the same
+grants, per bucket). Tested against a strict stand-in built from InfluxData's OpenAPI descriptions
+(tests/test_influx_v2.py), not against a real 2.x server, which does not install here. InfluxDB 3
 has no retention policies: create one database per tier (or one database with a retention period)
 with its own tooling and point ``historian.database``/``retention_policy`` at it.
 """

@@ -21,8 +21,7 @@ class SiteFileError(FlowlineError):
         self.source = source
         self.problems = list(problems)
         super().__init__(
-            f"{source}: {len(self.problems)} problem(s)\n"
-            + "\n".join(f"  {source}: {p}" for p in self.problems)
+            f"{source}: {len(self.problems)} problem(s)\n" + "\n".join(f"  {source}: {p}" for p in self.problems)
         )
 
 
@@ -43,9 +42,7 @@ def parse_site(text: str, source: str = "<site>") -> Site:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise SiteFileError(source, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from exc
     if not isinstance(raw, dict):
-        raise SiteFileError(
-            source, [f"(top level): expected a mapping with 'site' and 'assets', got {_kind(raw)}"]
-        )
+        raise SiteFileError(source, [f"(top level): expected a mapping with 'site' and 'assets', got {_kind(raw)}"])
 
     problems = _structural_problems(raw)
     try:
@@ -73,14 +70,17 @@ def _structural_problems(raw: dict[str, Any]) -> list[str]:
                         f"assets[{index}].id: duplicate asset id {asset['id']!r} (first at assets[{first}])"
                     )
     flows = raw.get("flows")
+    rules = raw.get("asset_patterns")
+    # a flow may name the assets of an asset pattern: its glob matches the pattern itself ("pump-*")
+    known = list(seen)
+    if isinstance(rules, list):
+        known += [r["pattern"] for r in rules if isinstance(r, dict) and isinstance(r.get("pattern"), str)]
     if isinstance(flows, list) and seen:
         for index, flow in enumerate(flows):
             patterns = flow.get("assets") if isinstance(flow, dict) else None
             for pattern in patterns if isinstance(patterns, list) else []:
-                if isinstance(pattern, str) and not any(fnmatch.fnmatchcase(a, pattern) for a in seen):
-                    problems.append(
-                        f"flows[{index}].assets: pattern {pattern!r} matches no asset of the inventory"
-                    )
+                if isinstance(pattern, str) and not any(fnmatch.fnmatchcase(a, pattern) for a in known):
+                    problems.append(f"flows[{index}].assets: pattern {pattern!r} matches no asset of the inventory")
     return problems
 
 
@@ -90,9 +90,18 @@ def _semantic_problems(site: Site) -> list[str]:
     for index, asset in enumerate(site.assets):
         if asset.zone is not None and zone_ids and asset.zone not in zone_ids:
             problems.append(
-                f"assets[{index}] ({asset.id}).zone: unknown zone {asset.zone!r}, expected one of "
-                f"{sorted(zone_ids)}"
+                f"assets[{index}] ({asset.id}).zone: unknown zone {asset.zone!r}, expected one of {sorted(zone_ids)}"
             )
+    for index, rule in enumerate(site.asset_patterns):
+        where = f"asset_patterns[{index}] ({rule.pattern})"
+        if rule.type not in site.asset_types:
+            problems.append(
+                f"{where}.type: unknown asset type {rule.type!r}, expected one of {sorted(site.asset_types)}"
+            )
+        if rule.zone is not None and zone_ids and rule.zone not in zone_ids:
+            problems.append(f"{where}.zone: unknown zone {rule.zone!r}, expected one of {sorted(zone_ids)}")
+        if "/" in rule.pattern or "+" in rule.pattern or "#" in rule.pattern:
+            problems.append(f"{where}.pattern: an asset id is one MQTT topic level: no '/', '+' or '#'")
     return problems
 
 

@@ -32,9 +32,7 @@ class Consequence(_Strict):
 
     def weight(self) -> float:
         """Worst-case consequence on a 0-3 scale, used to rank risk (probability x consequence)."""
-        return max(
-            RATING_WEIGHT[self.safety], RATING_WEIGHT[self.environment], RATING_WEIGHT[self.production]
-        )
+        return max(RATING_WEIGHT[self.safety], RATING_WEIGHT[self.environment], RATING_WEIGHT[self.production])
 
 
 class OpcUaSource(_Strict):
@@ -120,8 +118,14 @@ class Alarm(_Strict):
         return self
 
 
+TagType = Literal["number", "boolean", "string"]
+
+
 class Tag(_Strict):
     name: str = Field(min_length=1)
+    # What the tag's values are; a value of another type is refused (``wrong_type``), see
+    # flowline.collectors.common.check_type. Most signals are measurements, hence the default.
+    type: TagType = "number"
     unit: str | None = None
     description: str | None = None
     source: Source
@@ -153,6 +157,48 @@ class Asset(_Strict):
         return self
 
 
+class TypeTag(_Strict):
+    """A tag every asset of a type has; its source comes from the rule that maps the asset (see `AssetPattern`)."""
+
+    name: str = Field(min_length=1)
+    type: TagType = "number"
+    unit: str | None = None
+    description: str | None = None
+    alarm: Alarm | None = None
+    normal: float | None = None
+    expected_interval_s: float | None = Field(default=None, gt=0)
+
+
+class AssetType(_Strict):
+    """Tags shared by many similar devices (hundreds of identical pumps): declared once, inherited."""
+
+    tags: list[TypeTag] = Field(min_length=1)
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _unique_tags(self) -> AssetType:
+        names = [t.name for t in self.tags]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate tag names {duplicates}")
+        return self
+
+    def tag(self, name: str) -> TypeTag | None:
+        return next((t for t in self.tags if t.name == name), None)
+
+
+class AssetPattern(_Strict):
+    """Assets the site file does not list one by one: any asset id matching ``pattern`` (a glob such
+    as ``pump-*``) is an asset of ``type`` with that type's tags. Only MQTT topic templates use it
+    (``plant/{site}/{asset}/{tag}``): a value is accepted only when its asset id matches and its tag
+    is one of the type's; the DMZ gateway still keeps only approved flows (``flows``)."""
+
+    pattern: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    criticality: Criticality = Criticality.C
+    zone: str | None = None
+
+
 class Zone(_Strict):
     id: str
     purdue_level: float
@@ -179,6 +225,23 @@ class Site(_Strict):
     zones: list[Zone] = []
     assets: list[Asset] = Field(min_length=1)
     flows: list[Flow] = []
+    asset_types: dict[str, AssetType] = {}
+    asset_patterns: list[AssetPattern] = []
+
+    def pattern_tag_ref(self, asset_id: str, tag_name: str) -> TagRef | None:
+        """The site tag of an asset known only by an `AssetPattern` (first matching pattern), or None.
+
+        Listed assets win: an id in ``assets`` is never matched by a pattern.
+        """
+        if asset_id in self.assets_by_id:
+            return None
+        for rule in self.asset_patterns:
+            if fnmatch.fnmatchcase(asset_id, rule.pattern):
+                tag = self.asset_types[rule.type].tag(tag_name)
+                if tag is None:
+                    return None
+                return TagRef(self.site, asset_id, tag.name, tag.unit, value_type=tag.type)
+        return None
 
     @cached_property
     def assets_by_id(self) -> dict[str, Asset]:
@@ -191,16 +254,11 @@ class Site(_Strict):
         return next((t for t in asset.tags if t.name == tag_name), None)
 
     def tag_ref(self, asset: Asset, tag: Tag) -> TagRef:
-        return TagRef(site=self.site, asset=asset.id, tag=tag.name, unit=tag.unit)
+        return TagRef(site=self.site, asset=asset.id, tag=tag.name, unit=tag.unit, value_type=tag.type)
 
     def iter_tags(self, kind: str | None = None) -> list[tuple[Asset, Tag]]:
         """All (asset, tag) pairs, optionally only those whose source is ``kind``."""
-        return [
-            (asset, tag)
-            for asset in self.assets
-            for tag in asset.tags
-            if kind is None or tag.source.kind == kind
-        ]
+        return [(asset, tag) for asset in self.assets for tag in asset.tags if kind is None or tag.source.kind == kind]
 
     def is_flow_approved(self, sender: str, asset: str, tag: str) -> bool:
         return any(flow.sender == sender and flow.allows(asset, tag) for flow in self.flows)

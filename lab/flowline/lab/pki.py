@@ -1,7 +1,8 @@
 """Certificates for mutual TLS (relay, MQTT) and OPC UA application instances.
 
-Used by tests and by ``flowline demo`` to make a throw-away CA; real sites bring their own PKI and
-only point the config at the files.
+Used by tests and by ``flowline demo`` to make a throw-away CA, and by ``flowline certs`` (certs.py)
+for a site's relay CA, gateway and sender certificates and the OPC UA client certificate. Sites with
+their own PKI only point the config at its files.
 """
 
 from __future__ import annotations
@@ -79,13 +80,29 @@ def _builder(
 
 
 class CertificateAuthority:
-    def __init__(self, folder: Path, name: str = "Flowline test CA", key_size: int = 2048) -> None:
+    def __init__(
+        self, folder: Path, name: str = "Flowline test CA", key_size: int = 2048, days: int = 3650, stem: str = "ca"
+    ) -> None:
         self.folder = Path(folder)
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=key_size)
-        self.cert = _builder(_name(name), _name(name), self.key.public_key(), 3650, ca=True).sign(
+        self.cert = _builder(_name(name), _name(name), self.key.public_key(), days, ca=True).sign(
             self.key, hashes.SHA256()
         )
-        self.files = _write(self.cert, self.key, self.folder, "ca")
+        self.files = _write(self.cert, self.key, self.folder, stem)
+
+    @classmethod
+    def load(cls, cert_file: Path, key_file: Path, folder: Path) -> CertificateAuthority:
+        """An existing CA (PEM certificate and unencrypted PEM key) that issues into ``folder``."""
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{key_file} is not an RSA private key")
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        if cert.public_key() != key.public_key():
+            raise ValueError(f"{key_file} is not the key of {cert_file}")
+        ca = cls.__new__(cls)
+        ca.folder, ca.key, ca.cert = Path(folder), key, cert
+        ca.files = CertFiles(cert_file, key_file, cert_file.with_suffix(".der"))
+        return ca
 
     def issue(
         self,
@@ -98,21 +115,41 @@ class CertificateAuthority:
         client: bool = True,
         self_signed: bool = False,
         days: int = 825,
+        key_size: int = 2048,
     ) -> CertFiles:
         """Issue (or self-sign) a leaf certificate. ``uri`` is the SAN URI an OPC UA application needs."""
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        san: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-        san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        if uri:
-            san.append(x509.UniformResourceIdentifier(uri))
-        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
-            [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+        return issue_certificate(
+            self.folder, None if self_signed else self, common_name, stem, dns, ips, uri, server, client, days, key_size
         )
-        issuer_name, signing_key = (_name(common_name), key) if self_signed else (self.cert.subject, self.key)
-        cert = (
-            _builder(_name(common_name), issuer_name, key.public_key(), days, ca=False)
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .sign(signing_key, hashes.SHA256())
-        )
-        return _write(cert, key, self.folder, stem or common_name)
+
+
+def issue_certificate(
+    folder: Path,
+    ca: CertificateAuthority | None,
+    common_name: str,
+    stem: str | None = None,
+    dns: tuple[str, ...] = ("localhost",),
+    ips: tuple[str, ...] = ("127.0.0.1",),
+    uri: str | None = None,
+    server: bool = True,
+    client: bool = True,
+    days: int = 825,
+    key_size: int = 2048,
+) -> CertFiles:
+    """A leaf certificate signed by ``ca``, or self-signed without one, written to ``folder``."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=key_size)
+    san: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    if uri:
+        san.append(x509.UniformResourceIdentifier(uri))
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
+        [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+    )
+    issuer_name, signing_key = (_name(common_name), key) if ca is None else (ca.cert.subject, ca.key)
+    cert = (
+        _builder(_name(common_name), issuer_name, key.public_key(), days, ca=False)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .sign(signing_key, hashes.SHA256())
+    )
+    return _write(cert, key, folder, stem or common_name)
