@@ -1,13 +1,13 @@
 """Flag accuracy on the plant simulator: lead time before each injected fault's crossing, false flags.
 
-For each seed, the example site's plant (flowline/sim/plant.py) is sampled every 10 minutes; the
+For each seed, the example site's plant (lab/flowline/lab/sim/plant.py) is sampled every 10 minutes; the
 analytics assessment (the job's, in memory, no InfluxDB) runs over the trailing 14 days at every
 evaluation time from 12 h before the earliest fault onset up to the last fault crossing. A fault's lead
 time is its crossing time minus the first evaluation from which it stays DEGRADING or worse until
 the crossing; it passes with a lead of at least 24 h. A false flag is DEGRADING or worse on a tag of
 an asset with no fault, at any evaluation time.
 
-Fault shapes (flowline/sim/faults.py): every seed runs twice, each time giving the three faulty
+Fault shapes (lab/flowline/lab/sim/faults.py): every seed runs twice, each time giving the three faulty
 tags two of the six shapes in turn (exponential bearing wear, falling-rate fouling, power-law
 clogging, linear drift, step then drift, intermittent bursts), so 10 seeds give 10 faults per shape.
 
@@ -40,11 +40,11 @@ from flowline.analytics.assess import Assessment, SeriesSpec
 from flowline.analytics.job import assess_many, series_specs
 from flowline.analytics.rules import AssessmentRules, Flag
 from flowline.inventory import load_site
-from flowline.sim.faults import FaultKind, make_faults
-from flowline.sim.plant import Plant
+from flowline.lab.sim.faults import FaultKind, make_faults
+from flowline.lab.sim.plant import Plant
 
 REPO = Path(__file__).resolve().parent.parent
-SITE_FILE = REPO / "flowline" / "examples" / "north-field.yaml"
+SITE_FILE = REPO / "lab" / "flowline" / "lab" / "examples" / "north-field.yaml"
 EPOCH = pd.Timestamp("2026-01-15T00:00:00Z")
 HISTORY = pd.Timedelta(days=14)
 STEP = pd.Timedelta(minutes=10)

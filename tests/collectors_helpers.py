@@ -9,9 +9,9 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from flowline.config import FlowlineConfig, load_config
-from flowline.points import TELEMETRY, Point
-from flowline.spool import SpoolReader, decode_points
+from flowline.core.config import FlowlineConfig, load_config
+from flowline.core.points import TELEMETRY, Point
+from flowline.core.spool import SpoolReader, decode_points
 
 SITE = "test-site"
 # A tag whose asset and name carry every character line protocol must escape.
@@ -39,7 +39,7 @@ def write_site(folder: Path, opcua_tags: list[dict[str, Any]] | None = None, nam
             "name": "odd",
             "type": "pump",
             "criticality": "C",
-            "tags": [{"name": ODD_TAG, "source": {"mqtt": {"topic": "plant/odd topic, with=signs"}}}],
+            "tags": [{"name": ODD_TAG, "type": "string", "source": {"mqtt": {"topic": "plant/odd topic, with=signs"}}}],
         },
     ]
     if opcua_tags:

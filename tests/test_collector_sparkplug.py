@@ -38,9 +38,9 @@ from flowline.collectors.sparkplug import (
     TemplateSpec,
     encode_payload,
 )
+from flowline.core.points import Point, Quality
 from flowline.inventory import load_site
-from flowline.points import Point, Quality
-from flowline.services import MosquittoServer, wait_until
+from flowline.lab.services import MosquittoServer, wait_until
 from tests.collectors_helpers import publisher, telemetry, varint, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 
@@ -64,6 +64,7 @@ def _write_udt_site(folder: Path) -> Path:
     doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     tags = [
         {"name": tag, "source": {"sparkplug": {"group": "G1", "edge_node": "E2", "device": "D1", "metric": metric}}}
+        | ({"type": "string"} if tag == "tank_name" else {})
         for tag, metric in UDT_TAGS.items()
     ]
     doc["assets"].append({"id": "S-1", "name": "Skid", "type": "skid", "criticality": "B", "tags": tags})

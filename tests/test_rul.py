@@ -1,4 +1,4 @@
-"""Fleet RUL model (flowline/analytics/rul.py) on a synthetic run-to-failure fleet with known truth."""
+"""Fleet RUL model (analytics/flowline/analytics/rul.py) on a synthetic run-to-failure fleet with known truth."""
 
 from __future__ import annotations
 

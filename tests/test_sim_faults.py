@@ -1,16 +1,15 @@
-"""Fault shapes of the simulator and their ground truth (flowline/sim/faults.py)."""
+"""Fault shapes of the simulator and their ground truth (lab/flowline/lab/sim/faults.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flowline.inventory import load_site
-from flowline.sim.faults import NS_PER_DAY, FaultKind, bursts, fault_for, make_faults
+from flowline.lab.sim.faults import NS_PER_DAY, FaultKind, bursts, fault_for, make_faults
+from tests.conftest import EXAMPLE_SITE
 
-SITE = load_site(Path(__file__).resolve().parent.parent / "flowline" / "examples" / "north-field.yaml")
+SITE = load_site(EXAMPLE_SITE)
 EPOCH = 1_768_435_200 * 10**9  # 2026-01-15T00:00Z
 
 
