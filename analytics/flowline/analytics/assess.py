@@ -478,11 +478,13 @@ def _quadratic(adj: np.ndarray, window: int, hv: int, origins: int, n_ext: int) 
     return rmse, future_basis[:n_ext] @ last
 
 
-def _upper_trend_hours(
-    adj: np.ndarray, window: int, quantile: float, limit: float, sign: int, step_h: float, max_steps: int
-) -> float | None:
-    """Hours until the ``quantile`` line of the last ``window`` steps (the upper one for a high limit)
-    reaches ``limit``: the level values regularly reach, by linear quantile regression."""
+def _upper_trend(
+    adj: np.ndarray, window: int, quantile: float, limit: float, sign: int, step_h: float, max_steps: int,
+    significance_p: float,
+) -> tuple[float | None, bool]:
+    """(hours until the ``quantile`` line of the last ``window`` steps reaches ``limit``, whether its
+    slope is significantly toward the limit): the level the values regularly reach (the upper line
+    for a high limit, the lower for a low one), by linear quantile regression."""
     from statsmodels.regression.quantile_regression import QuantReg
 
     w = adj[-window:]
@@ -490,13 +492,13 @@ def _upper_trend_hours(
     q = quantile if sign == 1 else 1 - quantile
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        params = QuantReg(w, np.column_stack([np.ones(len(w)), x])).fit(q=q, max_iter=200).params
-    intercept, slope = float(params[0]), float(params[1])
-    now = intercept + slope * (len(w) - 1)
+        res = QuantReg(w, np.column_stack([np.ones(len(w)), x])).fit(q=q, max_iter=200)
+    intercept, slope = float(res.params[0]), float(res.params[1])
     if sign * slope <= 0:
-        return None
-    steps = (limit - now) / slope
-    return float(max(steps, 0.0) * step_h) if steps <= max_steps else None
+        return None, False
+    significant = bool(float(res.pvalues[1]) < significance_p)
+    steps = (limit - (intercept + slope * (len(w) - 1))) / slope
+    return (float(max(steps, 0.0) * step_h) if steps <= max_steps else None), significant
 
 
 def _first_crossing(fc: _Forecast, limit: float, sign: int, step_h: float) -> float | None:
@@ -607,22 +609,27 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
 
     limit, p_cross, hours, sign = _crossing(spec, fc, n_h, prep.step_h, scr.slope)
     significant = scr.p_value < rules.significance_p
-    if limit is not None and significant and scr.slope * sign > 0:
-        # The safe side of the plausible trajectories: the earliest crossing of any of them, and of
-        # the upper (lower) quantile trend of the values.
+    mean_toward = limit is not None and significant and scr.slope * sign > 0
+    upper_hours, upper_toward = None, False
+    if limit is not None and fc.model != "screen":
         window = max(6, round(rules.trend_window_hours / prep.step_h))
-        candidates = [hours] + [_first_crossing(other, limit, sign, prep.step_h) for other in plausible]
-        candidates.append(
-            _upper_trend_hours(y - scr.profile, window, rules.upper_quantile, limit, sign, prep.step_h, n_ext)
+        upper_hours, upper_toward = _upper_trend(
+            y - scr.profile, 2 * window, rules.upper_quantile, limit, sign, prep.step_h, n_ext, rules.significance_p
         )
-        # Beyond the horizon the alternatives only extrapolate their shape: they do not decide there.
-        known = [h for h in candidates[1:] if h is not None and h <= rules.horizon_hours]
+    if limit is not None and (mean_toward or upper_toward):
+        # The safe side of the plausible trajectories: the earliest crossing of any of them, and of
+        # the upper (lower) quantile trend of the values. Beyond the horizon the alternatives only
+        # extrapolate their shape: they do not decide there.
+        others = [_first_crossing(other, limit, sign, prep.step_h) for other in plausible] if mean_toward else []
+        known = [h for h in (*others, upper_hours) if h is not None and h <= rules.horizon_hours]
         hours = min([h for h in (hours, *known) if h is not None], default=None)
     beyond = limit is not None and sign * (last - limit) >= 0
     if beyond:
         hours = 0.0
-    toward = significant and sign != 0 and scr.slope * sign > 0
-    trend_hours = (limit - scr.level) / scr.slope * prep.step_h if toward and limit is not None else None
+    # Toward the limit: the mean's trend, or the trend of the values that reach furthest (bursts of an
+    # intermittent fault hide the mean's trend in their noise, not the quantile's).
+    toward = sign != 0 and (mean_toward or upper_toward)
+    trend_hours = (limit - scr.level) / scr.slope * prep.step_h if mean_toward and limit is not None else None
     flag = decide_flag(
         rules,
         beyond_limit=beyond,

@@ -62,7 +62,7 @@ class AssessmentRules(BaseModel):
     # Hours to alarm is the earliest crossing among the models whose backtest error is within this
     # factor of the best one's: a late forecast is the unsafe error (accelerating wear).
     plausible_factor: float = Field(default=1.5, ge=1)
-    # ... and of the trend of this quantile of the trend window (values, not the mean, trip alarms:
+    # ... and of the trend of this quantile over two trend windows (values, not the mean, trip alarms:
     # an intermittent fault reaches the limit in bursts long before its average does).
     upper_quantile: float = Field(default=0.9, gt=0.5, lt=1)
     screen_t: float = Field(default=2.0, ge=0)  # |t| of the trend below which a fit may be skipped
