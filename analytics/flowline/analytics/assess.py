@@ -20,7 +20,12 @@ Pipeline for one series (see `rules` for the flag rules):
    with the chosen model's own prediction intervals (on the log scale for the log model, so they
    stay positive), widened when the backtest errors were larger than the model's sd, and add the
    STL seasonal pattern back.
-4. From the forecast: hours until the mean crosses a limit (extrapolated up to 4 horizons),
+4. From the forecast: hours until the mean crosses a limit (extrapolated up to 4 horizons); when
+   the trend points toward the limit, the earliest crossing within the horizon of the plausible
+   models (ETS fits within ``plausible_factor`` of the best backtest error, a quadratic over the
+   trend window, an exponential rise from a healthy baseline when the curvature is clear and two
+   straight lines do not explain it) and of the ``upper_quantile`` trend of the values: a late
+   forecast is the unsafe error;
    probability of crossing within the horizon (worst step of the forecast distribution, a lower
    bound of the path probability), trend per day and its significance, anomaly score of the latest
    one-step residuals; then health score, flag and risk.

@@ -5,7 +5,8 @@ Rules, checked from the top; the first that matches sets the flag:
 - **CRITICAL**: the latest level is already beyond an alarm limit, or the probability of crossing
   within the horizon is at least ``critical_p`` and the forecast mean crosses within
   ``critical_hours``.
-- **DEGRADING**: the trend is significant (p < ``significance_p``) *and points toward the limit*,
+- **DEGRADING**: the trend is significant (p < ``significance_p``) *and points toward the limit*
+  (the mean's trend, or that of the ``upper_quantile`` line of the values: intermittent faults),
   and ``p_cross >= degrading_p``, or the forecast mean crosses within the horizon, or the linear
   trend of the trend window reaches the limit within the horizon (a fitted damped trend may level
   off sooner than the plant does, the recent linear trend is the early-warning check on it).
