@@ -618,9 +618,14 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
     upper_hours, upper_toward = None, False
     if limit is not None and fc.model != "screen":
         window = max(6, round(rules.trend_window_hours / prep.step_h))
-        upper_hours, upper_toward = _upper_trend(
-            y - scr.profile, 2 * window, rules.upper_quantile, limit, sign, prep.step_h, n_ext, rules.significance_p
+        adj = y - scr.profile
+        # Over the trend window (as the mean's trend) and twice that: bursts can be too few in one
+        # window for a significant slope. Both lines are plausible: the earlier crossing counts.
+        short_hours, _ = _upper_trend(adj, window, rules.upper_quantile, limit, sign, prep.step_h, n_ext, 1.0)
+        long_hours, upper_toward = _upper_trend(
+            adj, 2 * window, rules.upper_quantile, limit, sign, prep.step_h, n_ext, rules.significance_p
         )
+        upper_hours = min([h for h in (short_hours, long_hours) if h is not None], default=None)
     if limit is not None and (mean_toward or upper_toward):
         # The safe side of the plausible trajectories: the earliest crossing of any of them, and of
         # the upper (lower) quantile trend of the values. Beyond the horizon the alternatives only
