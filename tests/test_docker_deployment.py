@@ -192,8 +192,11 @@ def test_each_service_runs_its_zones_image_built_from_the_lock(services: dict[st
         assert f"flowline-{zone}:" in service["image"], name
     text = (DOCKER / "Dockerfile").read_text(encoding="utf-8")
     assert 'uv sync --frozen --no-default-groups --no-editable --extra "$ZONE"' in text
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text(encoding="utf-8").split()
+    assert "!uv.lock" in ignore
     for folder in ("core", "inventory", "collectors", "relay", "historian", "analytics", "dashboards", "lab"):
-        assert f"COPY {folder} ./{folder}" in text, f"the build context must include {folder}/"
+        assert f"COPY {folder} ./{folder}" in text, f"the image must be built from {folder}/"
+        assert f"!{folder}/**" in ignore, f"{folder}/ is left out of the build context"
 
 
 def test_grafana_is_provisioned_from_the_packaged_files(

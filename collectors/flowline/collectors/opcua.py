@@ -275,9 +275,23 @@ class ServerSession:
             self.name, self.target, sec.policy, sec.mode, len(self._by_handle),
         )  # fmt: skip
         if self.connections > 1 and self.cfg.history_backfill:
-            # the first live notifications mark where the backfill must stop (no duplicates)
-            await asyncio.sleep(2 * self.cfg.publishing_interval_ms / 1000)
+            await self._await_first_live([t for t in self.tags if gap_start.get(id(t)) is not None])
             await self._backfill(client, gap_start, outage_end)
+
+    async def _await_first_live(self, tags: list[MonitoredTag]) -> None:
+        """Wait for each tag's first live value after a gap: it is where the tag's backfill must stop.
+
+        A fixed pause is not enough on a loaded host: a backfill read before the first notification
+        arrived would read up to "now" and store that value twice (once as backfill). The server
+        sends every new monitored item's current value, so the wait ends quickly; it is bounded for
+        items that never report (their backfill then ends at the reconnect).
+        """
+        interval_s = self.cfg.publishing_interval_ms / 1000
+        await asyncio.sleep(2 * interval_s)
+        for _ in range(int(max(5.0, 10 * interval_s) / 0.05)):  # polled: set by the notification path
+            if all(t.resumed_ts_ns is not None for t in tags):
+                return
+            await asyncio.sleep(0.05)
 
     async def _mismatch(self, refusal: str) -> OpcUaSecurityError:
         """A configuration error naming the settings, and what the server offers instead."""
