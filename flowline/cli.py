@@ -9,11 +9,32 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from typing import Any, NamedTuple
 
 import click
 
 from flowline import __version__
+
+# Every log line starts with its time in UTC (ISO 8601), whatever the host's time zone: logs of the
+# OT, DMZ and IT hosts are read side by side.
+LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: int) -> None:
+    """Log to stderr with UTC timestamps (a no-op when logging is already set up)."""
+    formatter = logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def service_logging() -> None:
+    """Long-running services log their connections and status lines at INFO, also without ``-v``."""
+    configure_logging(logging.WARNING)  # when started as ``python -m flowline.relay``, not through `main`
+    if logging.getLogger("flowline").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("flowline").setLevel(logging.INFO)
 
 
 class LazyCommand(NamedTuple):
@@ -58,6 +79,10 @@ COMMANDS: dict[str, LazyCommand] = {
     "relay": LazyCommand(
         "flowline.relay.cli:relay",
         "OT sender and DMZ gateway (mutual TLS, signed batches), writer, and strict diode mode.",
+    ),
+    "status": LazyCommand(
+        "flowline.status_cli:status",
+        "Show every Flowline process's health from its status file: connections, spool depth, last error.",
     ),
     "sim": LazyCommand(
         "flowline.sim.cli:sim",
@@ -124,4 +149,4 @@ def main(verbose: int) -> None:
       flowline collect mqtt --config flowline.yaml
     """
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(max(level, logging.DEBUG))

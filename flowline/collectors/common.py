@@ -25,6 +25,7 @@ from flowline.config import FlowlineConfig
 from flowline.metrics import Metrics, MetricsReporter
 from flowline.points import TELEMETRY, Point
 from flowline.spool import SpoolError, SpoolFullError, SpoolWriter, encode_points
+from flowline.status import ProcessStatus
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,9 @@ class CollectorRuntime:
         self.rejects = Rejects(self.metrics, DeadLetter(config.data_dir / "deadletter" / f"{name}.jsonl"))
         # Metrics go through the same spool, but not the same counters: they are not telemetry.
         self.reporter = MetricsReporter(self.metrics, self._sink_metrics, config.metrics_interval_s)
+        # Brokers and servers are the sources; the file is written only once the CLI starts it.
+        self.status = ProcessStatus(config.data_dir, f"collector-{name}").watch(self.metrics, "source")
+        self.status.spool(name, config.spool_dir(name))
 
     def _sink_metrics(self, points: list[Point]) -> None:
         self.sink.submit_metrics(points)

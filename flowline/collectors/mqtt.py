@@ -12,6 +12,7 @@ messages take paho's own path (``on_message``), which keeps the exactly-once han
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import ssl
@@ -35,6 +36,7 @@ from flowline.points import Point
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 86400  # how long the broker keeps our queued messages while we are down
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30  # paho's back-off: doubles from min to max, reset by a CONNACK
 
 
 class MqttCollectorError(RuntimeError):
@@ -49,6 +51,7 @@ class MqttCollector:
         self.runtime = CollectorRuntime(config, "mqtt", self.cfg.batch_max_points, self.cfg.batch_max_latency_ms / 1000)
         self.site = self.runtime.site
         self.metrics = self.runtime.metrics
+        self.status = self.runtime.status
         self.topics = TopicMap(self.site, self.cfg.topic_templates)
         self.host = SparkplugHost(self.site, self.cfg.timestamp_window_s, self.cfg.sparkplug_allow_rebirth)
         broker = self.cfg.broker
@@ -57,6 +60,7 @@ class MqttCollector:
         self._stopping = False
         self.last_error: MqttCollectorError | None = None
         self._connections = 0
+        self._failures_in_row = 0  # since the last accepted connection: how far paho's back-off has grown
         self.client = self._make_client()
 
     # --- setup -----------------------------------------------------------------------------------
@@ -82,9 +86,10 @@ class MqttCollector:
                 cert_reqs=ssl.CERT_REQUIRED,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         if self.cfg.sparkplug_host_id:
             client.will_set(self._state_topic(), self._state_payload(False), qos=1, retain=True)
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -135,11 +140,14 @@ class MqttCollector:
 
     # --- callbacks (paho network thread) ---------------------------------------------------------
 
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self.metrics.inc("connect_attempts_total", target=self.target)
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            log.error("MQTT broker %s refused the connection: %s", self.target, reason)
-            self.metrics.set("connected", 0, target=self.target)
+            self._connect_failed(f"the broker refused the connection: {reason}")
             return
+        self._failures_in_row = 0
         self._connections += 1
         if self._connections > 1:
             self.metrics.inc("reconnects_total", target=self.target)
@@ -156,16 +164,35 @@ class MqttCollector:
         if self._stopping:
             log.info("disconnected from %s", self.target)
         elif not self._tls_failed():
-            log.warning("disconnected from %s: %s; paho reconnects with back-off", self.target, reason)
+            self.status.connected(self.target, "source", False, error=f"disconnected: {reason}")
+            log.warning("disconnected from %s: %s; reconnecting with back-off", self.target, reason)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._tls_failed()
+        if self._tls_failed():
+            return
+        exc, self.client.connect_error = self.client.connect_error, None
+        self._connect_failed(_describe_os_error(exc) if exc is not None else "connection failed")
+
+    def _connect_failed(self, why: str) -> None:
+        """Say what failed, where, and when paho tries again; count it; the status file shows it."""
+        self._failures_in_row += 1
+        self.metrics.inc("connect_failures_total", target=self.target)
+        self.metrics.set("connected", 0, target=self.target)
+        retry_in = min(RECONNECT_MAX_S, RECONNECT_MIN_S * 2 ** (self._failures_in_row - 1))
+        attempts = int(self.metrics.counter("connect_attempts_total", target=self.target))
+        message = (
+            f"cannot connect to MQTT broker {self.target} (collectors.mqtt.broker): {why}; "
+            f"retrying in {retry_in} s (back-off up to {RECONNECT_MAX_S} s; attempt {attempts} failed)"
+        )
+        self.status.connected(self.target, "source", False, error=why)
+        log.error("%s", message)
 
     def _tls_failed(self) -> bool:
         """Log and keep a TLS failure paho swallowed, saying what to check; False if there was none."""
         exc, self.client.tls_error = self.client.tls_error, None
         if exc is None:
             return False
+        self.status.connected(self.target, "source", False, error=f"TLS: {exc}")
         self.last_error = MqttCollectorError(
             f"TLS connection to MQTT broker {self.target} failed: {exc}; check collectors.mqtt.broker.tls: "
             "ca_file must hold the broker's CA, and a broker that requires client certificates needs "
@@ -177,6 +204,7 @@ class MqttCollector:
     def _on_publish_batch(self, batch: list[Publish]) -> None:
         """QoS 0/1 messages of one socket read: their points go to the spool as one item, and the
         QoS 1 ones are acknowledged together once that item is durable."""
+        self.status.ok(self.target, "source")
         points: list[Point] = []
         for message in batch:
             points += self._decode_or_reject(message.topic, message.payload)
@@ -233,3 +261,11 @@ class MqttCollector:
             self.runtime.rejects.unknown_source("mqtt", topic)
             raise Rejected("unknown_topic", "no site tag for this topic")
         return decode_json(payload, targets, self.cfg.timestamp_window_s)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """``connection refused (ECONNREFUSED)``: the reason without Python's ``[Errno 111]`` noise."""
+    if exc.errno is not None and exc.strerror:
+        name = errno.errorcode.get(exc.errno)
+        return f"{exc.strerror.lower()} ({name})" if name else exc.strerror.lower()
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

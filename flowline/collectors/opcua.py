@@ -173,6 +173,7 @@ class ServerSession:
                 timeout=self.cfg.keepalive_timeout_s,
                 watchdog_intervall=self.cfg.keepalive_timeout_s / 2,
             )
+            self.metrics.inc("connect_attempts_total", target=self.target)
             try:
                 await self._connect(client, lost)
                 delay = self.cfg.reconnect_min_s
@@ -180,13 +181,13 @@ class ServerSession:
                 if not stop.is_set():
                     log.warning("OPC UA session to %s (%s) lost; reconnecting", self.name, self.target)
             except OpcUaSecurityError as exc:
-                self.last_error = exc
+                self._failed(exc)
                 log.error("%s", exc)
             except (TimeoutError, OSError, UaError, ConnectionError) as exc:
-                self.last_error = exc
+                self._failed(exc)
                 log.warning("OPC UA server %s (%s) unavailable: %r", self.name, self.target, exc)
             except Exception as exc:
-                self.last_error = exc
+                self._failed(exc)
                 log.exception("OPC UA session to %s (%s) failed", self.name, self.target)
             finally:
                 self.connected.clear()
@@ -197,8 +198,21 @@ class ServerSession:
             if stop.is_set():
                 return
             # full jitter: replicas restarting together do not hammer the server in lock-step
-            await _sleep_or_stop(stop, random.uniform(delay / 2, delay))
+            wait = random.uniform(delay / 2, delay)
+            attempts = self.metrics.counter("connect_attempts_total", target=self.target)
+            log.warning(
+                "OPC UA %s (%s): retrying in %.1f s (back-off up to %g s; attempt %d failed)",
+                self.name, self.target, wait, self.cfg.reconnect_max_s, attempts,
+            )  # fmt: skip
+            await _sleep_or_stop(stop, wait)
             delay = min(delay * 2, self.cfg.reconnect_max_s)
+
+    def _failed(self, exc: Exception) -> None:
+        """Keep and count why the session failed or ended; the status file shows it on the link."""
+        self.last_error = exc
+        if not self.connected.is_set():
+            self.metrics.inc("connect_failures_total", target=self.target)
+        self.runtime.status.connected(self.target, "source", False, error=f"{type(exc).__name__}: {exc}"[:300])
 
     async def _connect(self, client: Client, lost: asyncio.Event) -> None:
         await apply_security(client, self.endpoint, self.name, self.rejected_dir, self.cfg.keepalive_timeout_s)
@@ -404,6 +418,7 @@ class ServerSession:
         self._flush_scheduled = False
         if self._pending:
             points, self._pending = self._pending, []
+            self.runtime.status.ok(self.target, "source")
             self.runtime.sink.try_submit(points)
 
     # --- backfill ------------------------------------------------------------------------------
@@ -512,6 +527,7 @@ class OpcUaCollectorProcess:
     def __init__(self, config: FlowlineConfig) -> None:
         self.collector = OpcUaCollector(config)
         self.metrics = self.collector.metrics
+        self.status = self.collector.runtime.status
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
         self._thread = threading.Thread(target=self._main, name="opcua-collector", daemon=True)

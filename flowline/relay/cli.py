@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from types import FrameType
 
 import click
 
+from flowline.cli import service_logging
 from flowline.config import ConfigError, FlowlineConfig, load_config
 from flowline.historian.errors import HistorianError
 from flowline.secrets import SecretError
@@ -32,10 +32,7 @@ def _load(path: Path, section: str) -> FlowlineConfig:
         raise click.ClickException(str(exc)) from exc
     if getattr(config, section) is None:
         raise click.ClickException(f"{path}: this command needs a '{section}' section")
-    if not logging.getLogger().handlers:  # started as ``python -m flowline.relay``
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().level > logging.INFO:
-        logging.getLogger("flowline").setLevel(logging.INFO)  # services log their connections by default
+    service_logging()  # services log their connections by default
     return config
 
 
