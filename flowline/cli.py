@@ -91,8 +91,46 @@ COMMANDS: dict[str, LazyCommand] = {
 }
 
 
+def _failed_command(ctx: click.Context, exc: BaseException) -> str:
+    """``dashboards provision``: the deepest command on the way to the exception (click keeps no
+    child context on its parent, but every ``invoke`` frame of the traceback holds its own)."""
+    path = ctx.command_path
+    tb = exc.__traceback__
+    while tb is not None:
+        frame_ctx = tb.tb_frame.f_locals.get("ctx")
+        if isinstance(frame_ctx, click.Context):
+            path = frame_ctx.command_path
+        tb = tb.tb_next
+    return path.partition(" ")[2] or path
+
+
+def explain(exc: Exception) -> tuple[str, bool]:
+    """A one-line message for an exception that reached the entry point, and whether it was foreseen.
+
+    Flowline's own exception classes carry messages written for the person running the command
+    (what failed, where, what to check), and so do the operating system's (a file, a port, a
+    permission) and the HTTP client's: those are foreseeable conditions and need no traceback.
+    Anything else is a bug or a case nobody foresaw: one line, and ``-v`` shows the traceback.
+    """
+    kind = type(exc)
+    if kind.__module__.split(".")[0] == "flowline":
+        return str(exc) or kind.__name__, True
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}", True
+    if kind.__module__.split(".")[0] in ("requests", "niquests", "urllib3"):
+        from flowline.dashboards.provision import network_reason
+
+        return f"network error: {network_reason(exc)}", True
+    return f"unexpected error: {kind.__name__}: {exc}", False
+
+
 class LazyGroup(click.Group):
-    """A click group whose subcommands in ``lazy`` are imported on first use."""
+    """A click group whose subcommands in ``lazy`` are imported on first use.
+
+    It is also the one place where an exception that no command handled ends: as one line on
+    stderr and exit status 1, never as a traceback (unless ``-v`` asks for it).
+    """
 
     def __init__(self, *args: Any, lazy: dict[str, LazyCommand], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -109,6 +147,23 @@ class LazyGroup(click.Group):
                 raise TypeError(f"{self.lazy[cmd_name].target} is not a click command")
             self.add_command(command, cmd_name)
         return super().get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own: already a clean message and exit status
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            if ctx.params.get("verbose"):
+                raise  # -v: the full traceback, for a bug report
+            message, foreseen = explain(exc)
+            where = _failed_command(ctx, exc)
+            hint = "" if foreseen else f" (run 'flowline -v {where} ...' to see the traceback)"
+            click.echo(f"Error: flowline {where}: {message}{hint}", err=True)
+            ctx.exit(1)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list of ``--help`` without importing the commands (same layout as click's)."""

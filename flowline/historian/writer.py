@@ -272,6 +272,22 @@ class HistorianWriter:
         """Write already-encoded lines (one point each, no trailing newline) at this writer's precision."""
         return self._pipeline((batch, 0) for batch in self._batches(lines))
 
+    def check(self) -> None:
+        """One empty write, no retry: proves InfluxDB is reachable, the credential is accepted with
+        write access and the database exists, without writing anything (1.x answers 204).
+
+        Raises `HistorianAuthError`, `HistorianNotFoundError`, or `HistorianUnavailableError`
+        (network error, 5xx). On the v2 API the client library may send nothing for an empty write,
+        so there this proves less.
+        """
+        response = self._transport.post(b"")
+        if response.status // 100 == 2:
+            return
+        self._count_error(response.status)
+        raise_for_access(self.conn, response.status, response.message, "write")
+        what = f"answered {response.status}" if response.status else "is not reachable"
+        raise HistorianUnavailableError(f"InfluxDB at {self.conn.url} {what} ({response.message or 'no message'})")
+
     def close(self) -> None:
         """Abort any back-off sleep (the pending write raises `HistorianUnavailableError`) and disconnect."""
         self._closed.set()

@@ -12,7 +12,7 @@ import click
 
 from flowline.cli import service_logging
 from flowline.config import ConfigError, FlowlineConfig, load_config
-from flowline.historian.errors import HistorianError
+from flowline.historian.errors import HistorianAuthError, HistorianError, HistorianNotFoundError
 from flowline.secrets import SecretError
 from flowline.spool import SpoolError
 
@@ -47,9 +47,18 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+class NeedsAPerson(click.ClickException):
+    """A deployment error retrying cannot fix (credential, missing database): exit status 2, which
+    the systemd units list in RestartPreventExitStatus so they do not restart in a loop."""
+
+    exit_code = 2
+
+
 def _run(what: str, body: Callable[[], None]) -> None:
     try:
         body()
+    except (HistorianAuthError, HistorianNotFoundError) as exc:
+        raise NeedsAPerson(f"{what}: {exc}") from exc
     except (SecretError, SpoolError, HistorianError, OSError, ValueError) as exc:
         raise click.ClickException(f"{what}: {exc}") from exc
 

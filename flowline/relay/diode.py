@@ -37,6 +37,7 @@ from flowline.relay.batching import Batch, BatchBuilder, SequenceJournal
 from flowline.relay.frames import FrameError, FrameType, decode_wire, encode_frame
 from flowline.relay.gateway import load_sender_keys, open_acceptor
 from flowline.relay.sender import metrics_spool, open_ot_spools
+from flowline.status import ProcessStatus
 
 log = logging.getLogger("flowline.relay.diode")
 
@@ -127,6 +128,10 @@ class DiodeSender:
         )
         self.journal = SequenceJournal(config.data_dir / "relay-ot")
         self.metrics = Metrics("relay-ot", config.load_site().site, config.instance)
+        # One-way: there is no peer to be connected to, so the status shows spools and sends only.
+        self.status = ProcessStatus(config.data_dir, "diode-send").watch(self.metrics, "sink")
+        for name in self.readers:
+            self.status.spool(name, config.spool_dir(name))
         self._metrics_spool = metrics_spool(config)
         self.reporter = MetricsReporter(self.metrics, self._metrics_spool.append_points, config.metrics_interval_s)
         self.points_sent = 0
@@ -194,6 +199,7 @@ class DiodeSender:
     def run(self) -> None:
         log.info("diode sender %s -> udp %s:%d, session %016x", self.cfg.sender_id, *self.target, self.session)
         self.reporter.start()
+        self.status.start()
         print(f"READY relay-diode-send -> udp {self.target[0]}:{self.target[1]}", flush=True)
         try:
             while not self.stop.is_set():
@@ -203,6 +209,7 @@ class DiodeSender:
             self.reporter.stop()
             self._metrics_spool.close()
             self.sock.close()
+            self.status.stop()
 
 
 # --- receiver ----------------------------------------------------------------------------------------
@@ -241,6 +248,9 @@ class DiodeReceiver:
         self.metrics = Metrics("relay-dmz", site.site, config.instance)
         self.acceptor: BatchAcceptor = open_acceptor(config, self.metrics)
         self.reporter = MetricsReporter(self.metrics, self.acceptor.append_points, config.metrics_interval_s)
+        # The "connected" gauge of target "diode" (heard from the sender lately) becomes the source link.
+        self.status = ProcessStatus(config.data_dir, "diode-receive").watch(self.metrics, "source")
+        self.status.spool("dmz", config.spool_dir("dmz"))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
         self.sock.bind((cfg.diode_listen_host, cfg.diode_listen_port))
@@ -382,6 +392,7 @@ class DiodeReceiver:
     def run(self) -> None:
         log.info("diode receiver listening on udp %s:%d", self.cfg.diode_listen_host, self.sock.getsockname()[1])
         self.reporter.start()
+        self.status.start()
         receiver = threading.Thread(target=self._receive, name="diode-recv", daemon=True)
         receiver.start()
         print(f"READY relay-diode-receive udp {self.sock.getsockname()[0]}:{self.sock.getsockname()[1]}", flush=True)
@@ -408,3 +419,4 @@ class DiodeReceiver:
             self.reporter.stop()
             self.acceptor.close()
             self.acceptor.spool.close()
+            self.status.stop()
