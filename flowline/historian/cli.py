@@ -19,6 +19,7 @@ from flowline.historian.paths import dead_letter_path, rollup_checkpoint_path
 from flowline.historian.rollups import RollupJob
 from flowline.historian.setup import ROLES, Account, setup_v1
 from flowline.secrets import SecretError, SecretRef
+from flowline.status import ProcessStatus
 
 console = Console(stderr=True)
 
@@ -101,28 +102,34 @@ def rollup(config_path: Path, once: bool, every: float) -> None:
     """
     config, hist = _load(config_path)
     job = RollupJob.from_config(hist, rollup_checkpoint_path(config))
+    status = ProcessStatus(config.data_dir, "rollup").start()
     try:
         while True:
             try:
                 with console.status("rolling up telemetry…"):
                     runs = job.run_once(time.time_ns())
             except HistorianUnavailableError as exc:
+                status.connected(hist.url, "sink", False, error=str(exc))
                 if once:
                     raise
                 # The checkpoint only moves past written windows: the next pass picks up from there.
                 console.print(f"[yellow]InfluxDB unavailable, retrying in {every:g}s: {exc}")
             else:
+                status.ok(hist.url, "sink")
+                status.extra["last_pass"] = {run.tier: {"windows": run.windows, "points": run.points} for run in runs}
                 for run in runs:
                     console.print(f"{run.tier}: {run.windows} windows, {run.points} points written")
             if once:
                 return
             time.sleep(every)
     except HistorianError as exc:
+        status.fail(str(exc))
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
         job.close()
+        status.stop()
 
 
 @historian.command("dead-letter")
