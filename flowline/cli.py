@@ -119,7 +119,7 @@ def explain(exc: Exception) -> tuple[str, bool]:
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror or exc}{where}", True
     if kind.__module__.split(".")[0] in ("requests", "niquests", "urllib3"):
-        from flowline.dashboards.provision import network_reason
+        from flowline.errors import network_reason
 
         return f"network error: {network_reason(exc)}", True
     return f"unexpected error: {kind.__name__}: {exc}", False

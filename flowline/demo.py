@@ -309,8 +309,8 @@ def analytics_incomplete(stack: LocalStack) -> str | None:
     last_pass = (doc.get("extra") or {}).get("last_pass")
     if not isinstance(last_pass, dict):
         return "the analytics pass left no result (did it run?)"
-    if "failed" in last_pass:
-        return f"the analytics pass failed: {last_pass['failed']}"
+    if "error" in last_pass:
+        return f"the analytics pass failed: {last_pass['error']}"
     note = last_pass.get("not_assessed")
     return str(note) if note else None
 

@@ -46,7 +46,10 @@ def test_status_file_follows_the_stage_metrics_and_spool(tmp_path: Path) -> None
         doc = json.loads((tmp_path / "status" / "collector-mqtt.json").read_text())
         link = doc["links"]["mqtt://b:1883"]
         assert (link["kind"], link["connected"], link["connect_attempts"], link["connect_failures"]) == (
-            "source", False, 3, 3
+            "source",
+            False,
+            3,
+            3,
         )
         assert link["last_error"] == "connection refused (ECONNREFUSED)" and link["since"]
         assert doc["state"] == "degraded" and doc["pid"] == os.getpid()
@@ -101,7 +104,9 @@ def test_verdict_stale_disconnected_and_healthy() -> None:
     down["since"] = _iso(now - 600)
     long = verdict(_doc(now, links={"mqtt://b:1883": down}), now)
     assert not long.healthy
-    assert re.search(r"mqtt://b:1883 disconnected since \d\d:\d\d:\d\d UTC \(10 min ago\), 4 attempts: boom", long.summary)
+    assert re.search(
+        r"mqtt://b:1883 disconnected since \d\d:\d\d:\d\d UTC \(10 min ago\), 4 attempts: boom", long.summary
+    )
 
 
 def test_flowline_status_shows_and_checks_every_process(tmp_path: Path) -> None:
@@ -110,7 +115,9 @@ def test_flowline_status_shows_and_checks_every_process(tmp_path: Path) -> None:
     folder.mkdir()
     down = {"kind": "sink", "connected": False, "since": _iso(now - 300), "connect_attempts": 9,
             "last_error": "connection refused (ECONNREFUSED)"}  # fmt: skip
-    (folder / "relay-ot.json").write_text(json.dumps(_doc(now, process="relay-ot", state="degraded", links={"dmz:7443": down})))
+    (folder / "relay-ot.json").write_text(
+        json.dumps(_doc(now, process="relay-ot", state="degraded", links={"dmz:7443": down}))
+    )
     (folder / "collector-mqtt.json").write_text(json.dumps(_doc(now)))
     (folder / "broken.json").write_text("{not json")
     runner = CliRunner()
@@ -221,7 +228,11 @@ def test_one_hardened_notify_unit_per_process() -> None:
         service = dict(_unit(units[name])["Service"])
         for key, value in HARDENING.items():
             assert service.get(key) == value, f"{name}: {key}={service.get(key)!r}"
-        assert (service["Type"], service["NotifyAccess"], service["RestartPreventExitStatus"]) == ("notify", "main", "2")
+        assert (service["Type"], service["NotifyAccess"], service["RestartPreventExitStatus"]) == (
+            "notify",
+            "main",
+            "2",
+        )
         assert service["WatchdogSec"] == "60s" and service["ReadWritePaths"] == "/var/lib/flowline"
         # the unit runs the command whose status file it is named after
         assert process_name(service["ExecStart"].split()) == name, service["ExecStart"]

@@ -107,7 +107,7 @@ def analyze(
                     )
             except HistorianError as exc:
                 status.connected(historian.url, "source", False, error=str(exc))
-                status.extra["last_pass"] = {"failed": str(exc)}
+                status.extra["last_pass"] = {"error": str(exc)}
                 if period is None:
                     status.fail(f"analytics pass failed: {exc}")
                     raise click.ClickException(str(exc)) from exc

@@ -9,7 +9,6 @@ secret ever sits in a provisioning file.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from grafana_client.client import GrafanaException, GrafanaTimeoutError
 from niquests.exceptions import RequestException
 
 from flowline.dashboards.builder import JSON
+from flowline.errors import network_reason
 
 InfluxVersion = Literal["1", "2", "3"]
 INFLUX_VERSIONS: tuple[InfluxVersion, ...] = ("1", "2", "3")
@@ -134,19 +134,6 @@ def _status(exc: GrafanaException) -> int:
 def _is_json(exc: GrafanaException) -> bool:
     """grafana-client hands over the parsed JSON body, or the text when the body was not JSON."""
     return isinstance(exc.response, dict | list)
-
-
-def network_reason(exc: Exception) -> str:
-    """``connection refused`` from niquests' "HTTPConnectionPool(...): Max retries exceeded ... [Errno 111]
-    Connection refused'))" (the useful part is buried at the end)."""
-    text = str(exc)
-    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    if found:
-        return found.group(1).strip().lower()
-    for needle in ("certificate verify failed", "timed out", "Name or service not known", "SSL"):
-        if needle.lower() in text.lower():
-            return needle.lower()
-    return type(exc).__name__
 
 
 def _strip_volatile(dashboard: JSON) -> JSON:

@@ -35,6 +35,7 @@ from typing import Literal, Protocol
 import requests
 
 from flowline.config import HistorianConfig
+from flowline.errors import network_reason
 from flowline.historian.connection import Api, Connection, error_message, raise_for_access
 from flowline.historian.dead_letter import DeadLetterFile
 from flowline.historian.errors import HistorianUnavailableError
@@ -102,7 +103,7 @@ class _V1Transport:
                 timeout=self.conn.timeout_s,
             )
         except requests.RequestException as exc:
-            return _Response(0, f"{type(exc).__name__}: {exc}")
+            return _Response(0, f"{type(exc).__name__}: {network_reason(exc)}")
         if response.status_code == 204:
             return _Response(204, "")
         return _Response(

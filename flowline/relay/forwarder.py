@@ -159,6 +159,9 @@ class Forwarder:
             self.status.fail(str(exc))
             raise
         finally:
+            if not self._reachable:
+                # Abort first: the final metrics flush would otherwise wait out the retry deadline (60 s).
+                self.historian.close()
             self.reporter.stop()
             self.historian.close()
             self.status.stop()
