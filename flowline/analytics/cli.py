@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,11 +18,14 @@ from rich.table import Table
 
 from flowline.analytics.detect import DetectorSettings, score_csv
 from flowline.analytics.job import PassReport, historian_section, not_assessed_note, parse_duration, run_pass
+from flowline.cli import service_logging
 from flowline.config import ConfigError, load_config
 from flowline.historian.errors import HistorianError
 from flowline.inventory.loader import SiteFileError
 from flowline.metrics import Metrics
 from flowline.status import ProcessStatus
+
+log = logging.getLogger("flowline.analytics")
 
 
 def ranked_table(report: PassReport) -> Table:
@@ -96,6 +100,8 @@ def analyze(
     if dask_scheduler and importlib.util.find_spec("distributed") is None:
         raise click.ClickException("--dask-scheduler needs Dask: pip install 'flowline[dask]'")
     metrics = Metrics("analytics", site.site, config.instance)
+    if period is not None:
+        service_logging()
     with ProcessStatus(config.data_dir, "analytics") as status:
         while True:
             started = time.monotonic()
@@ -111,11 +117,14 @@ def analyze(
                 if period is None:
                     status.fail(f"analytics pass failed: {exc}")
                     raise click.ClickException(str(exc)) from exc
-                console.print(f"[red]pass failed, retrying next interval: {exc}[/red]")
+                log.error("analytics pass failed, retrying at the next interval: %s", exc)
             else:
                 status.ok(historian.url, "source")
                 status.extra["last_pass"] = report.summary()
                 _print_pass(console, report, report_path)
+                if period is not None:  # a service: one timestamped line per pass in its log
+                    note = not_assessed_note(report.assessments)
+                    (log.warning if note else log.info)("analytics pass: %s", report.summary_line())
             if period is None:
                 return
             time.sleep(max(0.0, period - (time.monotonic() - started)))
@@ -137,10 +146,7 @@ def _print_pass(console: Console, report: PassReport, report_path: Path | None) 
         click.echo(f"report: {plotted} flagged asset(s) plotted in {report_path}")
     for a in report.failures():
         click.echo(f"  {a.result}: {a.spec.key}: {a.reason}")
-    click.echo(
-        f"{counts['ok']} assessed, {counts['failed']} failed, {counts['skipped']} skipped; "
-        f"{report.events} flag events, {report.points_written} points written"
-    )
+    click.echo(report.summary_line(with_note=False))
     if note is not None:
         console.print(f"[bold yellow]WARNING: {note}; the reasons are listed above.[/bold yellow]", highlight=False)
 

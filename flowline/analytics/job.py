@@ -295,6 +295,14 @@ class PassReport:
     def failures(self) -> list[Assessment]:
         return [a for a in self.assessments if a.result != "ok"]
 
+    def summary_line(self, with_note: bool = True) -> str:
+        counts = self.counts()
+        note = not_assessed_note(self.assessments) if with_note else None
+        return (
+            f"{counts['ok']} assessed, {counts['failed']} failed, {counts['skipped']} skipped; "
+            f"{self.events} flag events, {self.points_written} points written" + (f"; WARNING: {note}" if note else "")
+        )
+
     def summary(self) -> dict[str, object]:
         """What the status file keeps of a pass (read by `flowline status` and the demo)."""
         return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from flowline.cli import service_logging
 from flowline.config import ConfigError, FlowlineConfig, HistorianConfig, load_config
 from flowline.historian.connection import Connection
 from flowline.historian.dead_letter import DeadLetterFile
@@ -22,6 +24,7 @@ from flowline.secrets import SecretError, SecretRef
 from flowline.status import ProcessStatus
 
 console = Console(stderr=True)
+log = logging.getLogger("flowline.historian.rollup")
 
 
 def _load(path: Path) -> tuple[FlowlineConfig, HistorianConfig]:
@@ -101,6 +104,8 @@ def rollup(config_path: Path, once: bool, every: float) -> None:
       flowline historian rollup --config flowline.yaml --every 60
     """
     config, hist = _load(config_path)
+    if not once:
+        service_logging()  # a long-running job: its lines carry timestamps
     job = RollupJob.from_config(hist, rollup_checkpoint_path(config))
     status = ProcessStatus(config.data_dir, "rollup").start()
     try:
@@ -113,12 +118,16 @@ def rollup(config_path: Path, once: bool, every: float) -> None:
                 if once:
                     raise
                 # The checkpoint only moves past written windows: the next pass picks up from there.
-                console.print(f"[yellow]InfluxDB unavailable, retrying in {every:g}s: {exc}")
+                log.warning("InfluxDB unavailable, retrying in %gs: %s", every, exc)
             else:
                 status.ok(hist.url, "sink")
                 status.extra["last_pass"] = {run.tier: {"windows": run.windows, "points": run.points} for run in runs}
                 for run in runs:
-                    console.print(f"{run.tier}: {run.windows} windows, {run.points} points written")
+                    line = f"{run.tier}: {run.windows} windows, {run.points} points written"
+                    if once:
+                        console.print(line)
+                    else:
+                        log.info("%s", line)
             if once:
                 return
             time.sleep(every)
