@@ -286,3 +286,66 @@ def test_analyze_with_no_history_says_nothing_was_assessed(tmp_path: Path, influ
     Stack.data_dir = tmp_path / "nothing"
     assert analytics_incomplete(Stack()) == "the analytics pass left no result (did it run?)"  # type: ignore[arg-type]
     assert status_dir(tmp_path / "data").is_dir()
+
+
+def test_mqtt_collector_with_a_wrong_password_says_the_broker_refused(
+    tmp_path: Path, mosquitto: MosquittoServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowline.collectors.mqtt import MqttCollector
+
+    monkeypatch.setenv("FLOWLINE_TEST_MQTT_PASSWORD", "wrong")
+    section = {"broker": {"host": "127.0.0.1", "port": mosquitto.port, "username": MQTT_USER,
+                          "password": {"env": "FLOWLINE_TEST_MQTT_PASSWORD"}}}  # fmt: skip
+    collector = MqttCollector(write_config(tmp_path, write_site(tmp_path), {"mqtt": section}))
+    collector.start()
+    try:
+        wait_until(lambda: collector.metrics.counter("connect_failures_total", target=collector.target) >= 1, 20,
+                   "a refused connection")  # fmt: skip
+    finally:
+        collector.stop()
+    refused = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert refused and refused[0].startswith(
+        f"cannot connect to MQTT broker {collector.target} (collectors.mqtt.broker): the broker refused the "
+        "connection: Not authorized; retrying in 1 s"
+    ), refused
+    link = collector.status.document()["links"][collector.target]
+    assert link["connected"] is False and link["last_error"] == "the broker refused the connection: Not authorized"
+
+
+# --- relay: OT sender and DMZ gateway ----------------------------------------------------------
+
+
+def test_relay_status_files_follow_the_gateway_coming_up(tmp_path: Path, pki: Any) -> None:
+    """OT sender first (gateway down: disconnected, attempts counted), then the gateway: both connected."""
+    from tests.relay_helpers import SENDER, RelayRig
+
+    rig = RelayRig(tmp_path / "rig", pki)
+    ot_dir, dmz_dir = rig.ot.data_dir, rig.dmz.data_dir
+    target = f"127.0.0.1:{rig.port}"
+    try:
+        with rig.ot_spool() as spool:
+            spool.append([b"{}"])
+        rig.start("ot", "--config", str(rig.ot_path))
+        wait_until(lambda: (_status(ot_dir, "relay-ot").get("links") or {}).get(target, {}).get("connect_failures", 0)
+                   >= 2, 30, "failed attempts to reach the gateway")  # fmt: skip
+        link = _status(ot_dir, "relay-ot")["links"][target]
+        assert link["connected"] is False and "ConnectionRefusedError" in link["last_error"]
+        assert _status(ot_dir, "relay-ot")["spools"]["opcua"]["depth_bytes"] > 0
+
+        rig.start_gateway()
+        wait_until(lambda: _status(ot_dir, "relay-ot")["links"][target]["connected"] is True, 30, "sender connected")
+        wait_until(lambda: _status(ot_dir, "relay-ot")["spools"]["opcua"]["depth_bytes"] == 0, 30, "spool drained")
+        dmz = _status(dmz_dir, "relay-dmz")
+        wait_until(lambda: (_status(dmz_dir, "relay-dmz").get("links") or {}).get(f"sender {SENDER}", {})
+                   .get("last_ok") is not None, 30, "the gateway saw a batch")  # fmt: skip
+        dmz = _status(dmz_dir, "relay-dmz")
+        assert dmz["state"] == "running" and dmz["spools"]["dmz"]["depth_bytes"] > 0  # waiting for the writer
+        check = subprocess.run(
+            [sys.executable, "-m", "flowline", "status", "--data-dir", str(ot_dir), "--data-dir", str(dmz_dir),
+             "--check", "all"], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert check.stdout.splitlines() == ["healthy: relay-ot: running", "healthy: relay-dmz: running"]
+    finally:
+        rig.stop_all()
+    assert _status(ot_dir, "relay-ot")["state"] == "stopped"

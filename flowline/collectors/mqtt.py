@@ -159,11 +159,17 @@ class MqttCollector:
         self.connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
         self.metrics.set("connected", 0, target=self.target)
         if self._stopping:
             log.info("disconnected from %s", self.target)
-        elif not self._tls_failed():
+        elif self._tls_failed():
+            pass  # logged with what to check
+        elif not was_connected:
+            # paho closes a refused connection with "Protocol error": `_connect_failed` already said why
+            log.debug("connection to %s closed after the refusal (%s)", self.target, reason)
+        else:
             self.status.connected(self.target, "source", False, error=f"disconnected: {reason}")
             log.warning("disconnected from %s: %s; reconnecting with back-off", self.target, reason)
 
@@ -192,6 +198,7 @@ class MqttCollector:
         exc, self.client.tls_error = self.client.tls_error, None
         if exc is None:
             return False
+        self.metrics.inc("connect_failures_total", target=self.target)
         self.status.connected(self.target, "source", False, error=f"TLS: {exc}")
         self.last_error = MqttCollectorError(
             f"TLS connection to MQTT broker {self.target} failed: {exc}; check collectors.mqtt.broker.tls: "
