@@ -133,6 +133,32 @@ def test_mqtt_collector_status_follows_a_broker_outage(
         collector.status.stop()
 
 
+def test_opcua_collector_against_a_dead_port_counts_attempts_and_says_it_retries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flowline.collectors.opcua import OpcUaCollectorProcess
+
+    url = f"opc.tcp://127.0.0.1:{free_port()}"
+    section = {"servers": {"plc": {"url": url, "security": {"policy": "None", "mode": "None"}}},
+               "reconnect_min_s": 0.2, "reconnect_max_s": 1}  # fmt: skip
+    opcua_tag = [{"name": "t", "source": {"opcua": {"server": "plc", "node": "ns=2;s=t"}}}]
+    process = OpcUaCollectorProcess(write_config(tmp_path, write_site(tmp_path, opcua_tag), {"opcua": section}))
+    process.start()
+    process.status.start()
+    try:
+        wait_until(lambda: process.metrics.counter("connect_failures_total", target=url) >= 3, 30, "3 failures")
+    finally:
+        process.stop()
+        process.status.stop()
+    doc = json.loads(process.status.path.read_text())
+    link = doc["links"][url]
+    assert link["connected"] is False and link["connect_attempts"] >= link["connect_failures"] >= 3
+    assert "ConnectionRefusedError" in link["last_error"] or "OSError" in link["last_error"], link
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert re.match(rf"OPC UA plc \({re.escape(url)}\): retrying in \d\.\d s \(back-off up to 1 s; attempt 1 failed\)",
+                    retries[0]), retries  # fmt: skip
+
+
 # --- relay writer --------------------------------------------------------------------------------
 
 
