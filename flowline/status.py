@@ -350,7 +350,7 @@ def link_summary(name: str, link: dict[str, Any], now: float) -> str:
     if not link["connected"]:
         attempts = link.get("connect_attempts") or link.get("connect_failures")
         if attempts:
-            text += f", {attempts} attempts"
+            text += f", {attempts} attempt{'s' if attempts != 1 else ''}"
         if link.get("last_error"):
             text += f": {link['last_error']}"
     return text

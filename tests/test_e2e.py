@@ -22,6 +22,7 @@ from flowline.sim.mqtt_publisher import MqttPublisher, MqttSettings
 from flowline.sim.opcua_server import SimOpcUaServer
 from flowline.sim.plant import Plant
 from flowline.stack import LocalStack, StackOptions
+from flowline.status import read_all
 
 from .conftest import EXAMPLE_SITE
 
@@ -152,3 +153,9 @@ def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Pa
     assert (workdir / "report.png").stat().st_size > 10_000
     assert len(list((workdir / "dashboards").glob("*.json"))) >= 4
     assert "Degrading assets" in result.stdout
+    assert summary["analytics_incomplete"] is None  # every series of the demo was assessed
+    # every stage left its status file, and each stopped cleanly (none failed)
+    states = {doc["process"]: doc["state"] for doc in read_all(workdir / "data")}
+    assert states == dict.fromkeys(
+        ["analytics", "collector-mqtt", "collector-opcua", "relay-dmz", "relay-ot", "relay-writer"], "stopped"
+    )
