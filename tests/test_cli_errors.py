@@ -15,8 +15,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from flowline.cli import COMMANDS, main
-from flowline.config import ConfigError
+from flowline.core.cli import COMMANDS, main
+from flowline.core.errors import ConfigError
 from tests.collectors_helpers import write_site
 
 
@@ -119,7 +119,7 @@ def test_python_m_flowline_prints_no_traceback(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("t")
     proc = subprocess.run(
-        [sys.executable, "-m", "flowline", "dashboards", "provision", "--url", "http://127.0.0.1:9",
+        [sys.executable, "-m", "flowline.core", "dashboards", "provision", "--url", "http://127.0.0.1:9",
          "--token-file", str(token)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

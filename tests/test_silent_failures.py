@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from flowline.services import InfluxDServer, MosquittoServer, free_port, wait_until
-from flowline.status import read_all, status_dir
+from flowline.core.status import read_all, status_dir
+from flowline.lab.services import InfluxDServer, MosquittoServer, free_port, wait_until
 from tests.collectors_helpers import write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 
@@ -32,7 +32,7 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARN
 
 def _flowline(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "flowline", *args],
+        [sys.executable, "-m", "flowline.core", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
@@ -60,7 +60,7 @@ def test_mqtt_collector_against_a_dead_port_says_so_and_counts_every_attempt(tmp
         wait_until(lambda: _link(_status(config.data_dir, "collector-mqtt")).get("connect_attempts", 0) >= 3, 20,
                    "three connection attempts in the status file")  # fmt: skip
         shown = subprocess.run(
-            [sys.executable, "-m", "flowline", "status", "--config", str(tmp_path / "flowline.yaml")],
+            [sys.executable, "-m", "flowline.core", "status", "--config", str(tmp_path / "flowline.yaml")],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     finally:
@@ -303,7 +303,7 @@ def test_analyze_with_no_history_says_nothing_was_assessed(tmp_path: Path, influ
     assert last_pass["ok"] == 0 and last_pass["not_assessed"].startswith(f"{found.group(1)} of {found.group(1)}")
     assert (tmp_path / "r.png").stat().st_size > 1000
 
-    from flowline.demo import analytics_incomplete
+    from flowline.lab.demo import analytics_incomplete
 
     class Stack:  # the demo reads the same status file under its data_dir
         data_dir = tmp_path / "data"
@@ -367,7 +367,7 @@ def test_relay_status_files_follow_the_gateway_coming_up(tmp_path: Path, pki: An
         dmz = _status(dmz_dir, "relay-dmz")
         assert dmz["state"] == "running" and dmz["spools"]["dmz"]["depth_bytes"] > 0  # waiting for the writer
         check = subprocess.run(
-            [sys.executable, "-m", "flowline", "status", "--data-dir", str(ot_dir), "--data-dir", str(dmz_dir),
+            [sys.executable, "-m", "flowline.core", "status", "--data-dir", str(ot_dir), "--data-dir", str(dmz_dir),
              "--check", "all"], capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert check.returncode == 0, check.stdout + check.stderr

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from flowline.cli import main
-from flowline.metrics import Metrics
-from flowline.spool import SpoolWriter
-from flowline.status import PROCESS_NAMES, ProcessStatus, process_name, read_all, verdict
+from flowline.core.cli import main
+from flowline.core.metrics import Metrics
+from flowline.core.spool import SpoolWriter
+from flowline.core.status import PROCESS_NAMES, ProcessStatus, process_name, read_all, verdict
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"
@@ -149,7 +149,7 @@ def test_status_watch_redraws_until_interrupted(tmp_path: Path) -> None:
     (tmp_path / "status" / "rollup.json").write_text(json.dumps(_doc(time.time(), process="rollup", links={})))
     leader, follower = os.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flowline", "status", "--data-dir", str(tmp_path), "--watch", "--interval", "0.2"],
+        [sys.executable, "-m", "flowline.core", "status", "--data-dir", str(tmp_path), "--watch", "--interval", "0.2"],
         stdin=follower, stdout=follower, stderr=follower, env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
     )  # fmt: skip
     os.close(follower)
