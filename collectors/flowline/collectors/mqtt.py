@@ -61,7 +61,6 @@ class MqttCollector:
         self._stopping = False
         self.last_error: MqttCollectorError | None = None
         self._connections = 0
-        self._failures_in_row = 0  # since the last accepted connection: how far paho's back-off has grown
         self.client = self._make_client()
 
     # --- setup -----------------------------------------------------------------------------------
@@ -148,7 +147,6 @@ class MqttCollector:
         if reason.is_failure:
             self._connect_failed(f"the broker refused the connection: {reason}")
             return
-        self._failures_in_row = 0
         self._connections += 1
         if self._connections > 1:
             self.metrics.inc("reconnects_total", target=self.target)
@@ -181,15 +179,14 @@ class MqttCollector:
         self._connect_failed(_describe_os_error(exc) if exc is not None else "connection failed")
 
     def _connect_failed(self, why: str) -> None:
-        """Say what failed, where, and when paho tries again; count it; the status file shows it."""
-        self._failures_in_row += 1
+        """Say what failed, where, and that paho keeps trying; count it; the status file shows it."""
         self.metrics.inc("connect_failures_total", target=self.target)
         self.metrics.set("connected", 0, target=self.target)
-        retry_in = min(RECONNECT_MAX_S, RECONNECT_MIN_S * 2 ** (self._failures_in_row - 1))
         attempts = int(self.metrics.counter("connect_attempts_total", target=self.target))
         message = (
             f"cannot connect to MQTT broker {self.target} (collectors.mqtt.broker): {why}; "
-            f"retrying in {retry_in} s (back-off up to {RECONNECT_MAX_S} s; attempt {attempts} failed)"
+            f"retrying with back-off ({RECONNECT_MIN_S} s doubling to {RECONNECT_MAX_S} s between attempts; "
+            f"attempt {attempts} failed)"
         )
         self.status.connected(self.target, "source", False, error=why)
         log.error("%s", message)
