@@ -176,8 +176,22 @@ def test_dockerfile_is_multistage_pinned_non_root_with_healthcheck() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must run as a non-root user"
     assert re.search(r"^HEALTHCHECK\s", text, flags=re.M)
     assert re.search(r"COPY --from=build", text)
-    healthcheck = DOCKER / "healthcheck.py"
-    assert healthcheck.exists() and "healthcheck.py" in text
+    # the health check reads the status file of the container's own process (no connection)
+    assert re.search(r'^\s+CMD \["flowline", "status", "--check", "pid1"\]', text, flags=re.M)
+
+
+def test_every_flowline_service_has_a_status_file_for_its_health_check(services: dict[str, dict[str, Any]]) -> None:
+    """`flowline status --check pid1` finds each service's status file from its command line."""
+    from flowline.core.status import PROCESS_NAMES, process_name
+
+    named = {}
+    for name, service in services.items():
+        if "command" in service and "flowline" in str(service.get("image", "")):
+            named[name] = process_name(["flowline", *service["command"]])
+    assert named.pop("sim") is None  # the simulator is not part of the pipeline: no status file
+    assert None not in named.values(), named
+    assert set(named.values()) <= set(PROCESS_NAMES.values())
+    assert len(set(named.values())) == len(named), "two services would share one status file"
 
 
 def test_each_service_runs_its_zones_image_built_from_the_lock(services: dict[str, dict[str, Any]]) -> None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pytest
 
 from flowline.core.points import Quality
+from flowline.core.status import read_all
 from flowline.inventory import load_site
 from flowline.lab.sim.mqtt_publisher import MqttPublisher, MqttSettings
 from flowline.lab.sim.opcua_server import SimOpcUaServer
@@ -152,3 +153,9 @@ def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Pa
     assert (workdir / "report.png").stat().st_size > 10_000
     assert len(list((workdir / "dashboards").glob("*.json"))) >= 4
     assert "Degrading assets" in result.stdout
+    assert summary["analytics_incomplete"] is None  # every series of the demo was assessed
+    # every stage left its status file, and each stopped cleanly (none failed)
+    states = {doc["process"]: doc["state"] for doc in read_all(workdir / "data")}
+    assert states == dict.fromkeys(
+        ["analytics", "collector-mqtt", "collector-opcua", "relay-dmz", "relay-ot", "relay-writer"], "stopped"
+    )

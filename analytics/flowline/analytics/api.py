@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from flowline.analytics.assess import Assessment, SeriesSpec, assess_series
+from flowline.analytics.job import not_assessed_note
 from flowline.analytics.rules import AssessmentRules, Flag
 from flowline.core.config import HistorianConfig
 from flowline.core.points import Quality
@@ -94,16 +95,23 @@ def plot_assessment(a: Assessment, ax: Any = None) -> Any:
 
 def write_report_png(assessments: Sequence[Assessment], path: str | Path, min_flag: Flag = Flag.DEGRADING) -> int:
     """One panel per assessment at or above ``min_flag`` (worst first) in one PNG; returns the count.
-    With nothing flagged the PNG says so, so a report always exists."""
+    With nothing flagged the PNG says so, so a report always exists; series that could not be
+    assessed are named at the top in red (an empty report must not read as "all healthy")."""
     chosen = sorted(
         (a for a in assessments if a.result == "ok" and a.flag >= min_flag), key=lambda a: (-int(a.flag), -a.risk)
     )
     rows = max(1, len(chosen))
     fig = Figure(figsize=(10, 3.2 * rows))
     axes = fig.subplots(rows, 1, squeeze=False)
+    note = not_assessed_note(assessments)
     if not chosen:
-        axes[0][0].text(0.5, 0.5, f"no asset at {min_flag.name} or worse", ha="center", va="center")
+        text = f"no asset at {min_flag.name} or worse"
+        if note is not None:
+            text = f"Analysis incomplete: {note}.\nNo assessed series at {min_flag.name} or worse."
+        axes[0][0].text(0.5, 0.5, text, ha="center", va="center", color="black" if note is None else "tab:red")
         axes[0][0].set_axis_off()
+    elif note is not None:
+        fig.suptitle(f"Analysis incomplete: {note}", color="tab:red")
     for a, row in zip(chosen, axes, strict=False):
         plot_assessment(a, row[0])
     fig.tight_layout()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -16,13 +17,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flowline.analytics.detect import DetectorSettings, score_csv
-from flowline.analytics.job import PassReport, historian_section, parse_duration, run_pass
+from flowline.analytics.job import PassReport, historian_section, not_assessed_note, parse_duration, run_pass
+from flowline.core.cli import service_logging
 from flowline.core.config import load_config
 from flowline.core.errors import ConfigError
 from flowline.core.metrics import Metrics
+from flowline.core.status import ProcessStatus
 from flowline.historian.errors import HistorianError
 from flowline.inventory import load_site
 from flowline.inventory.loader import SiteFileError
+
+log = logging.getLogger("flowline.analytics")
 
 
 def ranked_table(report: PassReport) -> Table:
@@ -97,35 +102,55 @@ def analyze(
     if dask_scheduler and importlib.util.find_spec("distributed") is None:
         raise click.ClickException("--dask-scheduler needs Dask: pip install 'flowline[dask]'")
     metrics = Metrics("analytics", site.site, config.instance)
-    while True:
-        started = time.monotonic()
-        try:
-            with _progress(console) as progress:
-                report = run_pass(
-                    site, historian, config.analytics, metrics=metrics, workers=workers,
-                    dask_scheduler=dask_scheduler, progress=progress, collectors=config.collectors,
-                )
-        except HistorianError as exc:
+    if period is not None:
+        service_logging()
+    with ProcessStatus(config.data_dir, "analytics") as status:
+        while True:
+            started = time.monotonic()
+            try:
+                with _progress(console) as progress:
+                    report = run_pass(
+                        site, historian, config.analytics, metrics=metrics, workers=workers,
+                        dask_scheduler=dask_scheduler, progress=progress, collectors=config.collectors,
+                    )
+            except HistorianError as exc:
+                status.connected(historian.url, "source", False, error=str(exc))
+                status.extra["last_pass"] = {"error": str(exc)}
+                if period is None:
+                    status.fail(f"analytics pass failed: {exc}")
+                    raise click.ClickException(str(exc)) from exc
+                log.error("analytics pass failed, retrying at the next interval: %s", exc)
+            else:
+                status.ok(historian.url, "source")
+                status.extra["last_pass"] = report.summary()
+                _print_pass(console, report, report_path)
+                if period is not None:  # a service: one timestamped line per pass in its log
+                    note = not_assessed_note(report.assessments)
+                    (log.warning if note else log.info)("analytics pass: %s", report.summary_line())
             if period is None:
-                raise click.ClickException(str(exc)) from exc
-            console.print(f"[red]pass failed, retrying next interval: {exc}[/red]")
-        else:
-            counts = report.counts()
-            console.print(ranked_table(report))
-            if report_path is not None:
-                from flowline.analytics.api import write_report_png  # matplotlib only when asked
+                return
+            time.sleep(max(0.0, period - (time.monotonic() - started)))
 
-                plotted = write_report_png(report.assessments, report_path)
-                click.echo(f"report: {plotted} flagged asset(s) plotted in {report_path}")
-            for a in report.failures():
-                click.echo(f"  {a.result}: {a.spec.key}: {a.reason}")
-            click.echo(
-                f"{counts['ok']} assessed, {counts['failed']} failed, {counts['skipped']} skipped; "
-                f"{report.events} flag events, {report.points_written} points written"
-            )
-        if period is None:
-            return
-        time.sleep(max(0.0, period - (time.monotonic() - started)))
+
+def _print_pass(console: Console, report: PassReport, report_path: Path | None) -> None:
+    counts = report.counts()
+    note = not_assessed_note(report.assessments)
+    if report.ranked():
+        console.print(ranked_table(report))
+    elif note is None:
+        console.print(f"No asset at WATCH or worse ({counts['ok']} series assessed).")
+    else:
+        console.print(f"No assessed series at WATCH or worse, but {note}: their assets' health is unknown.")
+    if report_path is not None:
+        from flowline.analytics.api import write_report_png  # matplotlib only when asked
+
+        plotted = write_report_png(report.assessments, report_path)
+        click.echo(f"report: {plotted} flagged asset(s) plotted in {report_path}")
+    for a in report.failures():
+        click.echo(f"  {a.result}: {a.spec.key}: {a.reason}")
+    click.echo(report.summary_line(with_note=False))
+    if note is not None:
+        console.print(f"[bold yellow]WARNING: {note}; the reasons are listed above.[/bold yellow]", highlight=False)
 
 
 @click.command()

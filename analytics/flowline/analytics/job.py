@@ -253,6 +253,24 @@ def inventory_points(site: Site, timestamp_ns: int, opcua: OpcUaCollectorConfig 
 # --- the pass -------------------------------------------------------------------------------------
 
 
+def not_assessed_note(assessments: Sequence[Assessment]) -> str | None:
+    """``3 of 20 series not assessed (1 failed, 2 skipped)``, or None when every series was assessed.
+
+    A pass that skipped series is not good news: "no asset is degrading" would then only speak for
+    the series that were looked at. The job, the PNG report and the demo all print this instead.
+    """
+    if not assessments:
+        return "no series was assessed (the site has no forecast tags, or none matched)"
+    missing = [a for a in assessments if a.result != "ok"]
+    if not missing:
+        return None
+    failed = sum(a.result == "failed" for a in missing)
+    return (
+        f"{len(missing)} of {len(assessments)} series not assessed "
+        f"({failed} failed, {len(missing) - failed} skipped)"
+    )
+
+
 @dataclass
 class PassReport:
     assessed_at: pd.Timestamp
@@ -276,6 +294,26 @@ class PassReport:
 
     def failures(self) -> list[Assessment]:
         return [a for a in self.assessments if a.result != "ok"]
+
+    def summary_line(self, with_note: bool = True) -> str:
+        counts = self.counts()
+        note = not_assessed_note(self.assessments) if with_note else None
+        return (
+            f"{counts['ok']} assessed, {counts['failed']} failed, {counts['skipped']} skipped; "
+            f"{self.events} flag events, {self.points_written} points written" + (f"; WARNING: {note}" if note else "")
+        )
+
+    def summary(self) -> dict[str, object]:
+        """What the status file keeps of a pass (read by `flowline status` and the demo)."""
+        return {
+            "assessed_at": self.assessed_at.isoformat(),
+            **self.counts(),
+            "flagged": [
+                {"asset": a.spec.asset, "tag": a.spec.tag, "flag": a.flag.name} for a in self.ranked(Flag.DEGRADING)
+            ],
+            "not_assessed": not_assessed_note(self.assessments),
+            "reasons": [f"{a.result}: {a.spec.key}: {a.reason}" for a in self.failures()][:20],
+        }
 
 
 def historian_section(config_historian: HistorianConfig | None, analytics: AnalyticsConfig) -> HistorianConfig:

@@ -301,6 +301,20 @@ def degrading_assets(stack: LocalStack) -> list[dict[str, Any]]:
     return sorted(flagged, key=lambda r: -(r.get("risk") or 0.0))
 
 
+def analytics_incomplete(stack: LocalStack) -> str | None:
+    """What the analytics pass could not assess, from its status file; None when it assessed everything."""
+    from flowline.core.status import read_status, status_dir
+
+    doc = read_status(status_dir(stack.data_dir) / "analytics.json")
+    last_pass = (doc.get("extra") or {}).get("last_pass")
+    if not isinstance(last_pass, dict):
+        return "the analytics pass left no result (did it run?)"
+    if "error" in last_pass:
+        return f"the analytics pass failed: {last_pass['error']}"
+    note = last_pass.get("not_assessed")
+    return str(note) if note else None
+
+
 def _report(console: Console, stack: LocalStack) -> None:
     per_asset = landed_per_asset(stack)
     table = Table(title=f"Points landed in InfluxDB (database {DATABASE})")
@@ -336,10 +350,22 @@ def _report(console: Console, stack: LocalStack) -> None:
             _fmt(r.get("trend_per_day"), "{:+.3g}"),
             _fmt(r.get("health_score"), "{:.0f}"),
         )
-    console.print(risk if flagged else "No asset is degrading.")
+    incomplete = analytics_incomplete(stack)
+    if flagged:
+        console.print(risk)
+    elif incomplete is None:
+        console.print("No asset is degrading.")
+    if incomplete is not None:
+        # A skipped or failed pass is not good news: say what is unknown instead of "no asset is degrading".
+        console.print(
+            f"[bold yellow]Analytics incomplete: {incomplete}; the health of those assets is unknown "
+            f"(details in {stack.logs_dir / 'analyze.log'}).[/bold yellow]",
+            highlight=False,
+        )
     summary = {
         "points_per_asset": per_asset,
         "degrading": [{"asset": r["asset"], "tag": r["tag"]} for r in flagged],
+        "analytics_incomplete": incomplete,
     }
     (stack.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     report = stack.workdir / "report.png"

@@ -19,6 +19,7 @@ import zfec  # type: ignore[import-untyped]
 from flowline.core.config import FlowlineConfig
 from flowline.core.metrics import Metrics, MetricsReporter
 from flowline.core.spool import SpoolError
+from flowline.core.status import ProcessStatus
 from flowline.inventory import load_site
 from flowline.relay.diode_wire import DatagramError, parse_datagram
 from flowline.relay.dmz.acceptor import BatchAcceptor
@@ -60,6 +61,9 @@ class DiodeReceiver:
         self.metrics = Metrics("relay-dmz", site.site, config.instance)
         self.acceptor: BatchAcceptor = open_acceptor(config, self.metrics)
         self.reporter = MetricsReporter(self.metrics, self.acceptor.append_points, config.metrics_interval_s)
+        # The "connected" gauge of target "diode" (heard from the sender lately) becomes the source link.
+        self.status = ProcessStatus(config.data_dir, "diode-receive").watch(self.metrics, "source")
+        self.status.spool("dmz", config.spool_dir("dmz"))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
         self.sock.bind((cfg.diode_listen_host, cfg.diode_listen_port))
@@ -205,6 +209,7 @@ class DiodeReceiver:
     def run(self) -> None:
         log.info("diode receiver listening on udp %s:%d", self.cfg.diode_listen_host, self.sock.getsockname()[1])
         self.reporter.start()
+        self.status.start()
         receiver = threading.Thread(target=self._receive, name="diode-recv", daemon=True)
         receiver.start()
         print(f"READY relay-diode-receive udp {self.sock.getsockname()[0]}:{self.sock.getsockname()[1]}", flush=True)
@@ -231,3 +236,4 @@ class DiodeReceiver:
             self.reporter.stop()
             self.acceptor.close()
             self.acceptor.spool.close()
+            self.status.stop()

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from flowline.core.config import FlowlineConfig, RelayDmzConfig
 from flowline.core.metrics import Metrics, MetricsReporter
 from flowline.core.spool import DISK_FULL, SpoolError, SpoolFullError, SpoolWriter
+from flowline.core.status import ProcessStatus
 from flowline.inventory import load_site
 from flowline.relay.dmz.acceptor import BatchAcceptor
 from flowline.relay.frames import (
@@ -64,6 +65,9 @@ class Gateway:
         self.metrics = Metrics("relay-dmz", site.site, config.instance)
         self.acceptor = open_acceptor(config, self.metrics)
         self.reporter = MetricsReporter(self.metrics, self.acceptor.append_points, config.metrics_interval_s)
+        # Sources are the OT senders (by certificate name); the DMZ spool's depth is what the writer owes.
+        self.status = ProcessStatus(config.data_dir, "relay-dmz").watch(self.metrics, "source")
+        self.status.spool("dmz", config.spool_dir("dmz"))
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="dmz-accept")
         self.port: int | None = None
 
@@ -94,12 +98,15 @@ class Gateway:
         sender = cn or "unknown"
         log.info("sender %s connected from %s", sender, where)
         self.metrics.inc("connections_total", sender=sender)
+        self.status.connected(f"sender {sender}", "source", True)
         try:
             await self._serve(reader, writer, sender, where)
+            self.status.connected(f"sender {sender}", "source", False, error="closed the connection")
         except FrameError as exc:
             self._reject(exc.reason, sender, f"{exc} (from {where}); connection closed", writer, peer=where)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
             log.info("sender %s at %s disconnected: %s", sender, where, exc or type(exc).__name__)
+            self.status.connected(f"sender {sender}", "source", False, error=f"{type(exc).__name__}: {exc}")
             writer.close()
         except (SpoolError, OSError) as exc:
             # Not acknowledged: the sender keeps the batch in its own spool and retries later. A plain
@@ -135,6 +142,7 @@ class Gateway:
             result = await loop.run_in_executor(self._worker, self.acceptor.accept, frame)
             writer.write(encode_frame(self.keys[frame.sender], FrameType.ACK, frame.sender, result.sequence))
             await writer.drain()
+            self.status.ok(f"sender {cn}", "source")
 
     def _record(self, reason: str, sender: str, message: str, **extra: object) -> None:
         try:
@@ -163,6 +171,7 @@ class Gateway:
             "DMZ gateway listening on %s:%d (TLS 1.3, client certificates required)", self.cfg.listen_host, self.port
         )
         self.reporter.start()
+        self.status.start()
         print(f"READY relay-dmz {self.cfg.listen_host}:{self.port}", flush=True)  # for supervisors (stack, demo)
         if ready is not None:
             ready.set()
@@ -174,6 +183,7 @@ class Gateway:
         self._worker.shutdown(wait=True)
         self.acceptor.close()
         self.acceptor.spool.close()
+        self.status.stop()
 
 
 def run_gateway(config: FlowlineConfig) -> None:

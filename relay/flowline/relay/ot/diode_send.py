@@ -15,6 +15,7 @@ import time
 
 from flowline.core.config import FlowlineConfig
 from flowline.core.metrics import Metrics, MetricsReporter
+from flowline.core.status import ProcessStatus
 from flowline.inventory import load_site
 from flowline.relay.diode_wire import DATA, HEARTBEAT, KIND_HEARTBEAT, MAGIC, VERSION, encode_shares
 from flowline.relay.frames import FrameType, encode_frame
@@ -42,6 +43,10 @@ class DiodeSender:
         )
         self.journal = SequenceJournal(config.data_dir / "relay-ot")
         self.metrics = Metrics("relay-ot", load_site(config.site_file).site, config.instance)
+        # One-way: there is no peer to be connected to, so the status shows spools and sends only.
+        self.status = ProcessStatus(config.data_dir, "diode-send").watch(self.metrics, "sink")
+        for name in self.readers:
+            self.status.spool(name, config.spool_dir(name))
         self._metrics_spool = metrics_spool(config)
         self.reporter = MetricsReporter(self.metrics, self._metrics_spool.append_points, config.metrics_interval_s)
         self.points_sent = 0
@@ -109,6 +114,7 @@ class DiodeSender:
     def run(self) -> None:
         log.info("diode sender %s -> udp %s:%d, session %016x", self.cfg.sender_id, *self.target, self.session)
         self.reporter.start()
+        self.status.start()
         print(f"READY relay-diode-send -> udp {self.target[0]}:{self.target[1]}", flush=True)
         try:
             while not self.stop.is_set():
@@ -118,3 +124,4 @@ class DiodeSender:
             self.reporter.stop()
             self._metrics_spool.close()
             self.sock.close()
+            self.status.stop()
