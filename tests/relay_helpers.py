@@ -76,6 +76,7 @@ class RelayRig:
     database: str | None = None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     tap: InfluxWriteTap | None = None
+    log_paths: dict[int, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,8 @@ class RelayRig:
     # --- processes ---------------------------------------------------------------------------------
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115 (child owns it)
+        path = self.root / f"{args[0]}-{len(self.procs)}.log"
+        log = open(path, "wb")  # noqa: SIM115 (child owns it)
         # ``python -m flowline.relay`` skips importing every other command group: much faster restarts.
         proc = subprocess.Popen(
             [sys.executable, "-m", "flowline.relay", *args],
@@ -185,7 +187,18 @@ class RelayRig:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.procs.append(proc)
+        self.log_paths[proc.pid] = path
         return proc
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+        """Until the process printed its READY line (it is serving), or fail with the logs."""
+        path = self.log_paths[proc.pid]
+        try:
+            wait_until(lambda: b"READY" in path.read_bytes() or proc.poll() is not None, timeout, f"{path.stem} READY")
+        except TimeoutError:
+            print(self.logs())
+            raise
+        assert proc.poll() is None, self.logs()
 
     def start_gateway(self) -> subprocess.Popen[bytes]:
         proc = self.start("dmz", "--config", str(self.dmz_path))
