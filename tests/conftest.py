@@ -31,6 +31,16 @@ MQTT_PASSWORD = "test-" + uuid.uuid4().hex[:8]
 T = TypeVar("T", bound=ManagedProcess)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak runs take many minutes: only when asked for (``-m soak``), never in the default run."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="soak run: select it with -m soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
     return CertificateAuthority(tmp_path_factory.mktemp("pki"))
