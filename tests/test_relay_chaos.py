@@ -30,7 +30,7 @@ from flowline.relay.netem import CuttableTcpProxy
 from flowline.services import InfluxDServer, wait_until
 from tests.relay_helpers import RelayRig, unacked_points
 
-DURATION_S = float(os.environ.get("FLOWLINE_CHAOS_S", "75"))
+DURATION_S = float(os.environ.get("FLOWLINE_CHAOS_S", "60"))
 # The run plus its settling: a soak (FLOWLINE_CHAOS_S=600) is not cut off by the 300 s default.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(DURATION_S + 300)]
 
