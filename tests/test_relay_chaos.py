@@ -167,8 +167,8 @@ def test_chaos_reconciles_exactly(
     wrong = [i for i, (v, a) in found.items() if i < 0 or v != expected_value(i) or a != f"P-{i % ASSETS}"]
     ledger = tap.ledger()
     print(
-        f"\nchaos: faults {dict(faults)}, link cuts {proxy.cuts} (connections dropped {proxy.severed}, "
-        f"reconnects {proxy.accepted - 1}), writes refused while InfluxDB was down {failed_writes_in_outage}; "
+        f"\nchaos: faults {dict(faults)}, connections dropped by the cuts {proxy.severed}, "
+        f"sender connections {proxy.accepted}, writes refused while InfluxDB was down {failed_writes_in_outage}; "
         f"produced (durable) {produced}, found {len(found)}, lost {len(lost)}, wrong {len(wrong)}; "
         f"written by the writer {ledger.written}, unique {ledger.unique}, duplicates {ledger.duplicates} "
         f"(at most {replayable} replayable)"
