@@ -31,9 +31,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
 
-from flowline.config import load_config
-from flowline.services import free_port, port_open, wait_until
-from flowline.spool import SpoolReader, decode_points
+from flowline.core.config import load_config
+from flowline.core.spool import SpoolReader, decode_points
+from flowline.lab.services import free_port, port_open, wait_until
 
 NS_URI = "urn:flowline:bench"
 FOLDER_SIZE = 250
@@ -256,16 +256,16 @@ def main() -> None:
     measure_s, warmup_s = (8.0, 3.0) if args.quick else (20.0, 5.0)
     rows = []
     print(
-        f"{'items':>7} {'ticks':>5} {'values/s':>9} {'missing':>8} {'p99 lag s':>10} {'max lag s':>10} {'CPU cores':>10} "
-        f"{'RSS MiB':>8} {'setup s':>8} {'server CPU':>10}"
+        f"{'items':>7} {'ticks':>5} {'values/s':>9} {'missing':>8} {'p99 lag s':>10} {'max lag s':>10} "
+        f"{'CPU cores':>10} {'RSS MiB':>8} {'setup s':>8} {'server CPU':>10}"
     )
     for items in levels:
         row = run_level(items, measure_s, warmup_s)
         rows.append(row)
         print(
-            f"{items:>7} {row['ticks']:>5} {row['values_per_s']:>9.0f} {row['missing']:>8.0f} {row['p99_lag_s']:>10.2f} "
-            f"{row['max_lag_s']:>10.2f} {row['cpu_cores']:>10.2f} {row['rss_mib']:>8.0f} {row['setup_s']:>8.1f} "
-            f"{row['server_cpu_cores']:>10.2f}",
+            f"{items:>7} {row['ticks']:>5} {row['values_per_s']:>9.0f} {row['missing']:>8.0f} "
+            f"{row['p99_lag_s']:>10.2f} {row['max_lag_s']:>10.2f} {row['cpu_cores']:>10.2f} {row['rss_mib']:>8.0f} "
+            f"{row['setup_s']:>8.1f} {row['server_cpu_cores']:>10.2f}",
             flush=True,
         )
         if row["missing"] > 0 or row["p99_lag_s"] >= 1.0:

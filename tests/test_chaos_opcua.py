@@ -27,7 +27,7 @@ from asyncua import ua
 
 from flowline.collectors.opcua import OpcUaCollector
 from flowline.inventory import load_site
-from flowline.sim.opcua_server import SimOpcUaServer
+from flowline.lab.sim.opcua_server import SimOpcUaServer
 from tests.collectors_helpers import telemetry, write_config, write_site
 from tests.test_collector_opcua import NONE, _opcua_section, _until
 

@@ -46,12 +46,12 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from flowline.config import load_config
+from flowline.core.config import load_config
 from flowline.inventory import load_site
-from flowline.relay.netem import CuttableTcpProxy
-from flowline.services import wait_until
-from flowline.sim.mqtt_publisher import payload
-from flowline.stack import LocalStack, StackOptions, StageProcess
+from flowline.lab.netem import CuttableTcpProxy
+from flowline.lab.services import wait_until
+from flowline.lab.sim.mqtt_publisher import payload
+from flowline.lab.stack import LocalStack, StackOptions, StageProcess
 from tests.influx_tap import InfluxWriteTap
 from tests.mqtt_tap import MqttTap
 from tests.relay_helpers import unacked_points

@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from flowline.collectors.mqtt import MqttCollector
 from flowline.collectors.sparkplug import DOUBLE, UINT64, MetricSpec, encode_payload
-from flowline.services import MosquittoServer, wait_until
+from flowline.lab.services import MosquittoServer, wait_until
 from tests.collectors_helpers import telemetry, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 
