@@ -214,11 +214,9 @@ def run_level(items: int, measure_s: float, warmup_s: float) -> dict[str, float]
                         tags.setdefault(value, set()).add(p.tags["tag"])
             after = records[-1].end
     ticks = [float(tick) for tick, start, end in written if t0 / 1e9 <= start and end <= t1 / 1e9]
-    if len(ticks) < measure_s / 2:
-        raise SystemExit(
-            f"the bench server wrote only {len(ticks)} complete ticks of {items} items in {measure_s:.0f} s: "
-            "it cannot drive this level (a faster machine, or fewer items)"
-        )
+    # A server that cannot write all items once a second does not test the collector at this level:
+    # not a pass either (the machine, not the collector, is the limit; said so in the output).
+    server_kept_pace = len(ticks) >= measure_s / 2
     missing = sum(items - len(tags.get(v, ())) for v in ticks) + dropped
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     lags.sort()
@@ -226,7 +224,8 @@ def run_level(items: int, measure_s: float, warmup_s: float) -> dict[str, float]
     return {
         "items": items,
         "ticks": len(ticks),
-        "values_per_s": sum(len(tags.get(v, ())) for v in ticks) / len(ticks),
+        "server_kept_pace": int(server_kept_pace),
+        "values_per_s": sum(len(tags.get(v, ())) for v in ticks) / max(1, len(ticks)),
         "missing": missing,
         "p99_lag_s": p99,
         "max_lag_s": lags[-1] if lags else float("inf"),
@@ -235,6 +234,11 @@ def run_level(items: int, measure_s: float, warmup_s: float) -> dict[str, float]
         "rss_mib": rss,
         "setup_s": setup_s,
     }
+
+
+def passed(row: dict[str, float]) -> bool:
+    """Every expected tick complete, p99 lag under 1 s, and a server that really wrote at 1 Hz."""
+    return bool(row["server_kept_pace"]) and row["ticks"] > 0 and row["missing"] == 0 and row["p99_lag_s"] < 1.0
 
 
 def main() -> None:
@@ -268,9 +272,12 @@ def main() -> None:
             f"{row['setup_s']:>8.1f} {row['server_cpu_cores']:>10.2f}",
             flush=True,
         )
-        if row["missing"] > 0 or row["p99_lag_s"] >= 1.0:
+        if not row["server_kept_pace"]:
+            print(f"the bench server wrote only {row['ticks']} complete ticks of {items} items in {measure_s:.0f} s: "
+                  "it cannot drive this level on this machine now (not counted as kept up)")
+        if not passed(row):
             break  # lost notifications or lag past the limit: larger sizes cannot do better
-    ok = [r for r in rows if r["missing"] == 0 and r["p99_lag_s"] < 1.0]
+    ok = [r for r in rows if passed(r)]
     best = max(ok, key=lambda r: r["items"]) if ok else rows[0]
     figures = {
         "max_items_kept_up": best["items"] if ok else 0,
