@@ -441,4 +441,5 @@ def test_soak_of_the_mqtt_ingest_path(chaos_stack: tuple[LocalStack, Taps]) -> N
     )
     assert sum(report.faults.values()) >= faults
     if out := os.environ.get("FLOWLINE_SOAK_REPORT"):
-        Path(out).write_text(report.line() + "\n")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        Path(out).write_text(f"{when} soak of the MQTT ingest path: {report.line()}\n")
