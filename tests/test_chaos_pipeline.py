@@ -389,11 +389,13 @@ def run_chaos(stack: LocalStack, taps: Taps, duration: float, rate: float, max_g
     wrong = [key for key, v in values.items() if key not in all_keys or v != expected_value(all_keys[key])]
     ledger = taps.influx.ledger()
     redelivered = taps.mqtt.redelivered()
+    replays = stages["gateway"].log_path.read_text(errors="replace").count("already stored")
     report = ChaosReport(faults, produced, len(acknowledged), len(values), len(lost) - len(lost_by_us),
                          len(lost_by_us), ledger.duplicates, replayable + redelivered, len(wrong))
     print(
         f"\nchaos pipeline: {report.line()}; link cuts {taps.link.cuts} (connections dropped {taps.link.severed}), "
         f"collector sessions resumed {taps.mqtt.sessions_resumed}, MQTT redeliveries {redelivered}, "
+        f"batches replayed to the gateway {replays}, "
         f"writes refused during InfluxDB outages {refused_in_outages}"
     )
     # Every fault really happened: a new process per kill or restart, and the peers reconnected

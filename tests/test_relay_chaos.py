@@ -166,9 +166,12 @@ def test_chaos_reconciles_exactly(
     lost = [i for i in range(produced) if i not in found]
     wrong = [i for i, (v, a) in found.items() if i < 0 or v != expected_value(i) or a != f"P-{i % ASSETS}"]
     ledger = tap.ledger()
+    # Batches a restarted sender or a cut link sent again, which the gateway acknowledged unstored.
+    replays = sum(log.read_text(errors="replace").count("already stored") for log in tmp_path.glob("dmz-*.log"))
     print(
         f"\nchaos: faults {dict(faults)}, connections dropped by the cuts {proxy.severed}, "
-        f"sender connections {proxy.accepted}, writes refused while InfluxDB was down {failed_writes_in_outage}; "
+        f"sender connections {proxy.accepted}, batches replayed to the gateway {replays}, "
+        f"writes refused while InfluxDB was down {failed_writes_in_outage}; "
         f"produced (durable) {produced}, found {len(found)}, lost {len(lost)}, wrong {len(wrong)}; "
         f"written by the writer {ledger.written}, unique {ledger.unique}, duplicates {ledger.duplicates} "
         f"(at most {replayable} replayable)"
