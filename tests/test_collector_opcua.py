@@ -18,6 +18,7 @@ from flowline.collectors.opcua import OpcUaCollector
 from flowline.collectors.opcua_security import OpcUaSecurityError
 from flowline.core.config import FlowlineConfig
 from flowline.core.points import Point, Quality
+from flowline.core.spool import SpoolReader
 from flowline.inventory import load_site
 from flowline.lab.pki import CertificateAuthority
 from flowline.lab.sim.opcua_server import SimOpcUaServer, server_certificate
@@ -290,5 +291,43 @@ def test_wrong_password_is_refused_with_a_clear_error(tmp_path: Path, monkeypatc
 
     def config(url: str) -> FlowlineConfig:
         return write_config(tmp_path, site_file, _opcua_section(url, NONE, endpoint=endpoint))
+
+    asyncio.run(_run(tmp_path, server, config, body))
+
+
+def test_values_refused_by_a_full_spool_are_read_back_by_history(tmp_path: Path) -> None:
+    """The full-spool policy for OPC UA: values arriving while the spool cannot store are refused
+    (counted), and HistoryRead reads them back once it takes data again."""
+    site_file = write_site(tmp_path, SIM_TAGS)
+    server = SimOpcUaServer(load_site(write_site(tmp_path, SIM_TAGS, name="sim-site.yaml")))
+
+    async def body(collector: OpcUaCollector, spool: Path) -> None:
+        session, sink = collector.sessions[0], collector.runtime.sink
+        await _until(session.connected.is_set, 15, "connected")
+        value = 100.0
+        while sink.accepting:  # fill the small spool with live values
+            value += 1
+            await server.set_value("U-1", "t1", value)
+            await asyncio.sleep(0.05)
+            assert value < 5000, "the spool never filled"
+        now = time.time_ns() // 1000 * 1000
+        await server.set_value("U-1", "t1", -7.0, source_ts=now - 2_000_000)
+        await server.set_value("U-1", "t1", -8.0, source_ts=now - 1_000_000)
+        await _until(lambda: collector.metrics.counter("refused_total", reason="spool_full") >= 2, 10, "refusals")
+        assert sink.accepting is False
+        reader = SpoolReader(spool)  # the relay drains the spool: room again
+        for record in reader.read():
+            reader.ack(record.end)
+        await _until(lambda: sink.accepting, 15, "the spool to take data again")
+        await server.set_value("U-1", "t1", 9.0)
+        await _until(lambda: any(p.fields.get("value") == 9.0 for p in _values(spool, "t1")), 15, "live again")
+        await _until(lambda: len(_values(spool, "t1", origin="backfill")) >= 2, 15, "the refused values read back")
+        assert [p.fields["value"] for p in _values(spool, "t1", origin="backfill")] == [-7.0, -8.0]
+        assert [p.fields["value"] for p in _values(spool, "t1") if "origin" not in p.tags][-1] == 9.0  # live once
+
+    def config(url: str) -> FlowlineConfig:
+        return write_config(
+            tmp_path, site_file, _opcua_section(url, NONE), spool={"max_bytes": 3000, "segment_bytes": 600}
+        )
 
     asyncio.run(_run(tmp_path, server, config, body))

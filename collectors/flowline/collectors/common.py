@@ -3,7 +3,8 @@
 The spool is the collectors' only output (the OT side connects to nothing upstream). Points are
 appended in batches (at most ``max_points`` or ``max_latency_s`` old: one fsync per batch), and a
 caller may attach a callback that runs once its points are durable; the MQTT collector acknowledges
-QoS 1 messages there, so a crash never loses an acknowledged message.
+QoS 1 messages there, so a crash never loses an acknowledged message. When the spool cannot store,
+input is refused, never blocked on and never acknowledged (`SpoolSink`, docs/spool.md).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_UNKNOWN_ADDRESSES = 1000  # cap on distinct `address` label values (docs/measurements.md)
 SPOOL_FULL_RETRY_S = 1.0
+REFUSING_LOG_EVERY_S = 30.0  # while the spool refuses, one error line per this many seconds
 
 
 class Rejected(FlowlineError):
@@ -90,8 +92,13 @@ class SpoolSink:
     """Group commit to a spool on a writer thread; the queue is bounded in points (not in items, which
     may be one value or a thousand messages) so producers feel back-pressure and memory stays bounded.
 
-    A full spool is never silent: every refused append is logged and counted
-    (``flowline_spool_full_total``), and the batch is retried until it fits, holding the producers.
+    Full-spool policy (docs/spool.md), the same for every input: when the spool cannot store a batch
+    (full, disk full, disk error) the writer thread keeps that batch, unacknowledged, and retries it
+    every second; from then until it is stored the sink *refuses* new input: `submit` and
+    `try_submit` return False at once (never blocking the protocol's thread), the refused points
+    are counted in ``flowline_refused_total{reason}`` and ``flowline_spool_refusing`` is 1. Each
+    failed append is counted (``flowline_spool_full_total`` or ``flowline_spool_errors_total``).
+    Callbacks registered with `on_accepting` run once the spool takes data again.
     """
 
     def __init__(
@@ -114,21 +121,53 @@ class SpoolSink:
         self._queued_points = 0
         self._thread = threading.Thread(target=self._run, name=f"spool-{spool_name}", daemon=True)
         self._stopping = threading.Event()
+        self._refusing: str | None = None  # reason label while the spool cannot store, else None
+        self._refusing_since = 0.0
+        self._refused_points = 0  # in the current refusal
+        self._last_log = 0.0
+        self._listeners: list[Callable[[], object]] = []
+        self.metrics.set("spool_refusing", 0, spool=spool_name)
 
     def start(self) -> SpoolSink:
         self._thread.start()
         return self
 
-    def submit(self, points: Sequence[Point], on_durable: Callable[[], object] | None = None) -> None:
-        """Queue points (blocks while the queue is full); ``on_durable`` runs once they are in the spool."""
+    @property
+    def accepting(self) -> bool:
+        """False while the spool cannot store (input is refused)."""
+        return self._refusing is None
+
+    def on_accepting(self, listener: Callable[[], object]) -> None:
+        """Run ``listener`` (on the writer thread) each time the spool takes data again after refusing."""
+        self._listeners.append(listener)
+
+    def submit(
+        self, points: Sequence[Point], on_durable: Callable[[], object] | None = None, hold: bool = False
+    ) -> bool:
+        """Queue points; ``on_durable`` runs once they are in the spool. Blocks only while the queue is
+        full and the spool is storing; False (refused, counted, ``on_durable`` never runs) while the
+        spool cannot store. ``hold`` queues them even then, without blocking: for input the protocol
+        has already handed over (an MQTT QoS 2 message after PUBREC), bounded by the sender's window."""
         size = max(1, len(points))  # an item without points (rejected messages to ack) still takes room
-        self._reserve(size, block=True)
+        if hold:
+            with self._room:
+                self._queued_points += size
+        elif not self._reserve(size, block=True):
+            self.refuse(len(points))
+            return False
         self._queue.put(_Item(points, on_durable, size))
+        return True
 
     def try_submit(self, points: Sequence[Point]) -> bool:
-        """Non-blocking submit for event-loop callers; False (and counted) when the queue is full."""
+        """Non-blocking submit for event-loop callers; False (and counted) when refused or the queue is full."""
         size = max(1, len(points))
+        if self._refusing is not None:
+            self.refuse(len(points))
+            return False
         if not self._reserve(size, block=False):
+            if self._refusing is not None:
+                self.refuse(len(points))
+                return False
             self.metrics.inc("points_in_total", len(points))
             self.metrics.inc("dropped_total", len(points), reason="queue_full")
             log.error("collector queue full: %d points dropped (spool writer cannot keep up)", len(points))
@@ -137,18 +176,33 @@ class SpoolSink:
         return True
 
     def submit_metrics(self, points: Sequence[Point]) -> None:
-        """Queue the collector's own metric points (not counted as telemetry input, nor bounded: few)."""
-        self._queue.put(_Item(points, None))
+        """Queue the collector's own metric points (not counted as telemetry input, nor bounded: few).
+        While the spool refuses they are not queued: they are snapshots, the next one says the same."""
+        if self._refusing is None:
+            self._queue.put(_Item(points, None))
 
     def _reserve(self, count: int, block: bool) -> bool:
-        """Room for ``count`` points; an item larger than the bound still goes in when the queue is empty."""
+        """Room for ``count`` points; an item larger than the bound still goes in when the queue is empty.
+        False when the spool refuses (also for a producer that was waiting for room)."""
         with self._room:
-            while self._queued_points and self._queued_points + count > self.max_queued_points:
+            while (
+                self._refusing is None
+                and self._queued_points
+                and self._queued_points + count > self.max_queued_points
+            ):
                 if not block:
                     return False
                 self._room.wait()
+            if self._refusing is not None:
+                return False
             self._queued_points += count
             return True
+
+    def refuse(self, points: int) -> None:
+        """Count points refused at the input (also by a caller that refuses on its own)."""
+        reason = self._refusing or "spool_full"
+        self.metrics.inc("refused_total", points, reason=reason)
+        self._refused_points += points
 
     def _run(self) -> None:
         """Group commit: a batch ends when the queue is empty, at max points, or after max latency.
@@ -178,43 +232,96 @@ class SpoolSink:
             if stop:
                 return
 
-    def _commit(self, batch: list[_Item]) -> None:
-        points = [p for item in batch for p in item.points]
-        if points:
-            payload = encode_points(points)
-            while True:
-                try:
-                    self.writer.append([payload])
-                    break
-                except SpoolFullError:
+    def _store(self, payload: bytes, points: int) -> bool:
+        """Append until it succeeds (the spool cut back or sealed whatever a failed attempt left, so a
+        retry is safe); False if the sink is stopped first: the batch was never acknowledged."""
+        while True:
+            try:
+                self.writer.append([payload])
+            except (OSError, SpoolError) as exc:
+                # a disk error must not kill the writer thread (input would stall silently)
+                if isinstance(exc, SpoolFullError):
                     self.metrics.inc("spool_full_total", spool=self.spool_name)
-                    log.error(
-                        "spool %s is full (%d points waiting): holding input until the relay drains it",
-                        self.writer.folder,
-                        len(points),
-                    )
-                    time.sleep(SPOOL_FULL_RETRY_S)
-                except (OSError, SpoolError) as exc:
-                    # a disk error must not kill the writer thread (input would stall silently): retry loudly
+                    self._set_refusing("spool_full", exc, points)
+                else:
                     self.metrics.inc("spool_errors_total", spool=self.spool_name, error=type(exc).__name__)
-                    log.error("cannot append to spool %s: %s; retrying", self.writer.folder, exc)
-                    time.sleep(SPOOL_FULL_RETRY_S)
-            telemetry = [p.timestamp_ns for p in points if p.measurement == TELEMETRY]
-            if telemetry:
-                # counted here, once per batch, not per message: the per-call lock is measurable at 10k+/s
-                self.metrics.inc("points_in_total", len(telemetry))
-                self.metrics.inc("points_out_total", len(telemetry))
-                self.metrics.set("lag_seconds", max(0.0, (time.time_ns() - max(telemetry)) / 1e9))
-        for item in batch:
-            if item.on_durable is not None:
-                item.on_durable()
+                    self._set_refusing("spool_error", exc, points)
+                if self._stopping.wait(SPOOL_FULL_RETRY_S):
+                    log.error(
+                        "stopping with %d points not stored in spool %s (%s); they were not acknowledged",
+                        points,
+                        self.writer.folder,
+                        exc,
+                    )
+                    return False
+                continue
+            if self._refusing is not None:
+                self._set_accepting()
+            return True
+
+    def _set_refusing(self, reason: str, exc: Exception, points: int) -> None:
+        now = time.monotonic()
         with self._room:
-            self._queued_points -= sum(item.reserved for item in batch)
+            first = self._refusing is None
+            if first:
+                self._refusing_since, self._refused_points = now, 0
+            self._refusing = reason
+            self._room.notify_all()  # producers waiting for room are refused now
+        self.metrics.set("spool_refusing", 1, spool=self.spool_name)
+        if first or now - self._last_log >= REFUSING_LOG_EVERY_S:
+            self._last_log = now
+            log.error(
+                "cannot store %d points in spool %s: %s; refusing new input (not acknowledged) until it can "
+                "(%.0f s so far, %d points refused)",
+                points,
+                self.writer.folder,
+                exc,
+                now - self._refusing_since,
+                self._refused_points,
+            )
+
+    def _set_accepting(self) -> None:
+        with self._room:
+            self._refusing = None
             self._room.notify_all()
+        self.metrics.set("spool_refusing", 0, spool=self.spool_name)
+        log.warning(
+            "spool %s takes data again after %.1f s; %d points were refused meanwhile",
+            self.writer.folder,
+            time.monotonic() - self._refusing_since,
+            self._refused_points,
+        )
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:  # a listener must not stop the writer thread
+                log.exception("spool-accepting callback failed")
+
+    def _commit(self, batch: list[_Item]) -> None:
+        try:
+            points = [p for item in batch for p in item.points]
+            if points:
+                if not self._store(encode_points(points), len(points)):
+                    return  # stopped while the spool refused: never acknowledged
+                telemetry = [p.timestamp_ns for p in points if p.measurement == TELEMETRY]
+                if telemetry:
+                    # counted once per batch, not per message: the per-call lock is measurable at 10k+/s
+                    self.metrics.inc("points_in_total", len(telemetry))
+                    self.metrics.inc("points_out_total", len(telemetry))
+                    self.metrics.set("lag_seconds", max(0.0, (time.time_ns() - max(telemetry)) / 1e9))
+            for item in batch:
+                if item.on_durable is not None:
+                    item.on_durable()
+        finally:
+            with self._room:
+                self._queued_points -= sum(item.reserved for item in batch)
+                self._room.notify_all()
 
     def stop(self) -> None:
-        """Flush everything queued so far, then stop the writer thread."""
+        """Flush everything queued so far, then stop the writer thread; while the spool refuses, what
+        is left is given up unacknowledged instead of waiting for room forever."""
         if self._thread.is_alive():
+            self._stopping.set()
             self._queue.put(None)
             self._thread.join()
 

@@ -5,6 +5,12 @@ spool, or after it was rejected and written to the dead-letter file. Killing the
 moment therefore loses nothing: the broker redelivers what was not acknowledged (persistent
 session: fixed client id, ``clean_start`` false, session expiry on MQTT 5).
 
+While the spool cannot store (full, disk error) QoS 0/1 messages are refused: not acknowledged,
+and the network thread keeps running (keep-alive goes on). Once a message is refused, every later
+one on that connection is refused too (PUBACKs go in order); when the spool takes data again the
+collector drops the connection and paho reconnects, so the broker redelivers what was refused.
+QoS 2 messages are held instead: after PUBREC the broker would not send them again.
+
 Messages arrive in batches, one per socket read (`FastClient`, mqtt_client.py): a batch's points
 go to the spool as one item and its PUBACKs leave in one write once that item is durable. QoS 2
 messages take paho's own path (``on_message``), which keeps the exactly-once handshake.
@@ -12,11 +18,14 @@ messages take paho's own path (``on_message``), which keeps the exactly-once han
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -58,6 +67,10 @@ class MqttCollector:
         self._stopping = False
         self.last_error: MqttCollectorError | None = None
         self._connections = 0
+        self._refuse_lock = threading.Lock()
+        self._refused_on_connection = False  # a message was refused: refuse the rest until we reconnect
+        self._reconnect_asked = False
+        self.runtime.sink.on_accepting(self._spool_accepting)
         self.client = self._make_client()
 
     # --- setup -----------------------------------------------------------------------------------
@@ -141,6 +154,8 @@ class MqttCollector:
             log.error("MQTT broker %s refused the connection: %s", self.target, reason)
             self.metrics.set("connected", 0, target=self.target)
             return
+        with self._refuse_lock:
+            self._refused_on_connection = self._reconnect_asked = False
         self._connections += 1
         if self._connections > 1:
             self.metrics.inc("reconnects_total", target=self.target)
@@ -156,6 +171,8 @@ class MqttCollector:
         self.metrics.set("connected", 0, target=self.target)
         if self._stopping:
             log.info("disconnected from %s", self.target)
+        elif self._reconnect_asked:
+            log.info("disconnected from %s for the redelivery; paho reconnects", self.target)
         elif not self._tls_failed():
             log.warning("disconnected from %s: %s; paho reconnects with back-off", self.target, reason)
 
@@ -183,12 +200,53 @@ class MqttCollector:
             points += self._decode_or_reject(message.topic, message.payload)
         mids = [message.mid for message in batch if message.qos]
         if points or mids:
-            self.runtime.sink.submit(points, partial(self.client.ack_many, mids) if mids else None)
+            self._store(points, partial(self.client.ack_many, mids) if mids else None)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         points = self._decode_or_reject(msg.topic, bytes(msg.payload))
         mid, qos = msg.mid, msg.qos
-        self.runtime.sink.submit(points, partial(client.ack, mid, qos))
+        if qos == 2:
+            # After PUBREC the broker will not send this message again: hold it, whatever the spool says
+            # (the broker's in-flight window bounds how many), and PUBCOMP it once stored.
+            self.runtime.sink.submit(points, partial(client.ack, mid, qos), hold=True)
+        else:
+            self._store(points, partial(client.ack, mid, qos))
+
+    def _store(self, points: list[Point], ack: Callable[[], object] | None) -> None:
+        """Hand points to the spool; ``ack`` runs once they are durable, never if they are refused."""
+        if self._refused_on_connection:
+            self.runtime.sink.refuse(len(points))  # keeps PUBACKs in order: redelivered after the reconnect
+            return
+        if self.runtime.sink.submit(points, ack):
+            return
+        with self._refuse_lock:
+            if not self._refused_on_connection:
+                log.warning(
+                    "spool cannot store: messages from %s are not acknowledged; the broker keeps them and "
+                    "redelivers them after a reconnect once the spool takes data again",
+                    self.target,
+                )
+            self._refused_on_connection = True
+        if self.runtime.sink.accepting:  # it came back while we refused: it may not call us again
+            self._redeliver()
+
+    def _spool_accepting(self) -> None:
+        """Runs on the spool's writer thread when it takes data again."""
+        if self._refused_on_connection:
+            self._redeliver()
+
+    def _redeliver(self) -> None:
+        """Drop the connection (paho reconnects with back-off) so the broker resends what we refused."""
+        with self._refuse_lock:
+            if self._reconnect_asked:
+                return
+            self._reconnect_asked = True
+        log.warning("spool takes data again: reconnecting to %s for the messages it refused", self.target)
+        self.metrics.inc("redelivery_reconnects_total", target=self.target)
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):  # also TLS sockets
+            with contextlib.suppress(OSError):  # paho may be closing it at the same moment
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _decode_or_reject(self, topic: str, payload: bytes) -> list[Point]:
         """A message's points, or none when it is rejected (logged, counted, dead-lettered)."""

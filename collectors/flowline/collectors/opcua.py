@@ -162,11 +162,21 @@ class ServerSession:
         self._flush_scheduled = False
         self._history_supported = True
         self._poll_task: asyncio.Task[None] | None = None  # referenced so the loop cannot drop it
+        # Values refused while the spool could not store them: tag -> backfill start (exclusive), read
+        # back by HistoryRead once the spool takes data again (docs/spool.md, full-spool policy).
+        self._by_ref = {(t.ref.asset, t.ref.tag): t for t in tags}
+        self._refused_from: dict[int, int] = {}
+        self._refused_until: dict[int, int] = {}  # first value stored again, per refused tag
+        self._client: Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._refusal_backfill: asyncio.Task[None] | None = None
+        runtime.sink.on_accepting(self._spool_accepting)
 
     # --- main loop -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = self.cfg.reconnect_min_s
+        self._loop = asyncio.get_running_loop()
         while not stop.is_set():
             lost = asyncio.Event()
             client = Client(
@@ -190,6 +200,7 @@ class ServerSession:
                 self.last_error = exc
                 log.exception("OPC UA session to %s (%s) failed", self.name, self.target)
             finally:
+                self._client = None
                 self.connected.clear()
                 self.metrics.set("connected", 0, target=self.target)
                 self._flush()
@@ -232,6 +243,7 @@ class ServerSession:
             tag.resumed_ts_ns = None
         await self._resolve(client)
         await self._subscribe(client)
+        self._client = client
         self.connected.set()
         log.info("OPC UA %s (%s): %d monitored items", self.name, self.target, len(self._by_handle))
         if self.connections > 1 and self.cfg.history_backfill:
@@ -405,7 +417,54 @@ class ServerSession:
         self._flush_scheduled = False
         if self._pending:
             points, self._pending = self._pending, []
-            self.runtime.sink.try_submit(points)
+            if self.runtime.sink.try_submit(points):
+                if self._refused_from:
+                    self._note_resumed(points)
+            elif not self.runtime.sink.accepting:
+                self._note_refused(points)
+
+    def _note_refused(self, points: list[Point]) -> None:
+        for point in points:
+            tag = self._by_ref.get((point.tags.get("asset", ""), point.tags.get("tag", "")))
+            if tag is not None:
+                start = self._refused_from.get(id(tag), point.timestamp_ns)
+                self._refused_from[id(tag)] = min(start, point.timestamp_ns - 1)
+
+    def _note_resumed(self, points: list[Point]) -> None:
+        """The first value of a refused tag stored again ends its backfill (no duplicates)."""
+        for point in points:
+            tag = self._by_ref.get((point.tags.get("asset", ""), point.tags.get("tag", "")))
+            if tag is not None and id(tag) in self._refused_from and id(tag) not in self._refused_until:
+                self._refused_until[id(tag)] = point.timestamp_ns
+
+    def _spool_accepting(self) -> None:
+        """Runs on the spool's writer thread when it takes data again: read back what was refused."""
+        if self._refused_from and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_refusal_backfill)
+
+    def _start_refusal_backfill(self) -> None:
+        if self._refusal_backfill is None or self._refusal_backfill.done():
+            self._refusal_backfill = asyncio.get_running_loop().create_task(self._backfill_refused())
+
+    async def _backfill_refused(self) -> None:
+        client = self._client
+        if client is None or not self.cfg.history_backfill:
+            if not self.cfg.history_backfill:
+                log.warning("OPC UA %s: values refused while the spool was full are lost (no backfill)", self.name)
+                self._refused_from.clear()
+                self._refused_until.clear()
+            return  # not connected: the reconnect's own backfill covers the gap from the last spooled value
+        # the first live notifications after the refusal mark where the backfill must stop
+        await asyncio.sleep(2 * self.cfg.publishing_interval_ms / 1000)
+        gap_start: dict[int, int | None] = dict(self._refused_from)
+        outage_end = time.time_ns()
+        for tag in self.tags:
+            if id(tag) in gap_start:
+                tag.resumed_ts_ns = self._refused_until.get(id(tag))
+        self._refused_from.clear()
+        self._refused_until.clear()
+        log.info("OPC UA %s: reading back %d tags' values refused while the spool was full", self.name, len(gap_start))
+        await self._backfill(client, gap_start, outage_end)
 
     # --- backfill ------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import zfec  # type: ignore[import-untyped]
 
 from flowline.core.config import FlowlineConfig
 from flowline.core.metrics import Metrics, MetricsReporter
+from flowline.core.spool import SpoolError
 from flowline.inventory import load_site
 from flowline.relay.diode_wire import DatagramError, parse_datagram
 from flowline.relay.dmz.acceptor import BatchAcceptor
@@ -149,6 +150,10 @@ class DiodeReceiver:
         except FrameError as exc:
             self.acceptor.security_event(exc.reason, "unknown", f"diode batch {seq}: {exc}")
             self._lose(state, seq, seq, pending.count, "rejected")
+            return
+        except (SpoolError, OSError) as exc:
+            # No return path to refuse through: a batch the DMZ spool cannot store is lost, and counted.
+            self._lose(state, seq, seq, pending.count, f"the DMZ spool cannot store it: {exc}")
             return
         if result.replay:  # sent again by a restarted sender: already stored in an earlier session
             self.metrics.inc("diode_datagrams_total", kind="replayed_batch")

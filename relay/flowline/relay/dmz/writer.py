@@ -86,6 +86,7 @@ class Forwarder:
         self.reader.ack(records[-1].end)
         self.metrics.inc("points_in_total", len(lines) + len(points))
         self.metrics.set("spool_bytes", self.reader.pending_bytes(), spool="dmz")
+        self.metrics.set("spool_skipped_bytes_total", self.reader.skipped_bytes, spool="dmz")
         if newest:
             self.metrics.set("lag_seconds", max(0.0, time.time() - newest / 1e9))
         return result.written + result.dead_lettered

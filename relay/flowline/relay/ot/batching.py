@@ -8,7 +8,6 @@ a replay instead of storing it twice or dropping different data under a reused n
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,11 +15,12 @@ from pathlib import Path
 
 import orjson
 
-from flowline.core.files import atomic_write_json
-from flowline.core.spool import Position, SpoolError, SpoolReader, SpoolRecord, points_json
+from flowline.core.spool import Position, SlotFile, SpoolError, SpoolReader, SpoolRecord, points_json
 from flowline.relay.body import BodyBuilder
 
 log = logging.getLogger("flowline.relay.ot")
+
+JOURNAL_SLOT_BYTES = 4096  # one batch's ranges for a few spools take a few hundred bytes
 
 
 @dataclass
@@ -65,8 +65,10 @@ class _Parts:
 
 
 class SequenceJournal:
-    """``next`` sequence number and the batch in flight, persisted atomically in ``state.json``.
+    """``next`` sequence number and the batch in flight, persisted in ``state.json``.
 
+    Written in place (`SlotFile`), so it needs no free disk space: on a disk the OT spool has
+    filled, the sender must still be able to send, since only that frees the disk.
     Without any state (first start, or state lost) numbering starts at the current time in
     microseconds, so it still increases past whatever the gateway saw before: a loss of state shows
     up as one reported gap, never as new data mistaken for replays.
@@ -75,8 +77,9 @@ class SequenceJournal:
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "state.json"
-        if self.path.exists():
-            raw = json.loads(self.path.read_text())
+        self._slots = SlotFile(self.path, JOURNAL_SLOT_BYTES)
+        raw = self._slots.load()
+        if raw is not None:
             self.next = int(raw["next"])
             self.inflight: dict[str, object] | None = raw.get("inflight")
         else:
@@ -84,7 +87,7 @@ class SequenceJournal:
             self.inflight = None
 
     def save(self) -> None:
-        atomic_write_json(self.path, {"next": self.next, "inflight": self.inflight})
+        self._slots.save({"next": self.next, "inflight": self.inflight})
 
     def begin(self, batch: Batch) -> None:
         self.inflight = batch.journal()

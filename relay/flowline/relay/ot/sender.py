@@ -167,6 +167,8 @@ class OtSender:
             self.metrics.set("spool_bytes", reader.pending_bytes(), spool=name)
             # Records a drop-oldest spool threw away before we could send them: lost, but counted.
             self.metrics.set("spool_dropped_total", reader.dropped_records, spool=name)
+            # Torn or corrupt bytes the reader passed over (docs/spool.md): after a disk fault, a loss.
+            self.metrics.set("spool_skipped_bytes_total", reader.skipped_bytes, spool=name)
 
     def run(self) -> None:
         log.info("OT sender %s -> %s, spools %s", self.cfg.sender_id, self.target, ", ".join(self.readers))
