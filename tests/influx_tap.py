@@ -80,6 +80,9 @@ class InfluxWriteTap:
         self._counts: dict[str, Counter[SeriesTime]] = {}
         self.accepted_writes = 0
         self.failed_writes = 0  # InfluxDB unreachable or answering an error: the writer must retry
+        # Telemetry points InfluxDB took whose answer never reached the writer (killed, timed out):
+        # it must write them again, so they are duplicates the pipeline is allowed.
+        self.unanswered_points = 0
         tap = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -124,9 +127,9 @@ class InfluxWriteTap:
                     self.failed_writes += 1
             request.close_connection = True
             return
-        if is_write:
-            self._record(body, headers, response.status)
+        recorded = self._record(body, headers, response.status) if is_write else 0
         # A writer killed mid-request is gone: InfluxDB took the points (counted) but it never learns.
+        answered = False
         with contextlib.suppress(OSError):
             request.send_response(response.status, response.reason)
             for name, value in response.getheaders():
@@ -135,19 +138,26 @@ class InfluxWriteTap:
             request.send_header("Content-Length", str(len(payload)))
             request.end_headers()
             request.wfile.write(payload)
+            request.wfile.flush()
+            answered = True
+        if recorded and not answered:
+            with self._lock:
+                self.unanswered_points += recorded
 
-    def _record(self, body: bytes, headers: dict[str, str], status: int) -> None:
+    def _record(self, body: bytes, headers: dict[str, str], status: int, measurement: str = "telemetry") -> int:
+        """Count an accepted write's lines; the number of ``measurement`` points it carried."""
         if status // 100 != 2:
             with self._lock:
                 self.failed_writes += 1
-            return
+            return 0
         if any(k.lower() == "content-encoding" and v == "gzip" for k, v in headers.items()):
             body = gzip.decompress(body)
         keys = [line_key(line) for line in body.decode().splitlines() if line and not line.startswith("#")]
         with self._lock:
             self.accepted_writes += 1
-            for measurement, key in keys:
-                self._counts.setdefault(measurement, Counter())[key] += 1
+            for name, key in keys:
+                self._counts.setdefault(name, Counter())[key] += 1
+        return sum(1 for name, _ in keys if name == measurement)
 
     def ledger(self, measurement: str = "telemetry") -> Ledger:
         with self._lock:

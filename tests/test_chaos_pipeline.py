@@ -17,7 +17,8 @@ refused while InfluxDB was down). Then it reconciles: no message the collector a
 missing; a broker-acknowledged message may only be missing if Mosquitto acknowledged it within
 `BROKER_LOSS_WINDOW_S` before a kill -9 (its persistence is an autosave every second: that is the
 broker's loss, reported separately); no value is wrong; and points written twice stay within the
-MQTT redeliveries plus what the killed writer and gateway had not acknowledged.
+MQTT redeliveries, what the killed writer and gateway had not acknowledged, and writes InfluxDB
+took whose answer never reached the writer.
 
 Longer runs: ``FLOWLINE_CHAOS_PIPELINE_S=600 pytest tests/test_chaos_pipeline.py -m slow -s``
 (``FLOWLINE_CHAOS_PIPELINE_SEED`` picks the fault timeline, ``…_FAULT_GAP_S`` a fault every 1 s to
@@ -391,7 +392,8 @@ def run_chaos(stack: LocalStack, taps: Taps, duration: float, rate: float, max_g
     redelivered = taps.mqtt.redelivered()
     replays = stages["gateway"].log_path.read_text(errors="replace").count("already stored")
     report = ChaosReport(faults, produced, len(acknowledged), len(values), len(lost) - len(lost_by_us),
-                         len(lost_by_us), ledger.duplicates, replayable + redelivered, len(wrong))
+                         len(lost_by_us), ledger.duplicates, replayable + redelivered + taps.influx.unanswered_points,
+                         len(wrong))
     print(
         f"\nchaos pipeline: {report.line()}; link cuts {taps.link.cuts} (connections dropped {taps.link.severed}), "
         f"collector sessions resumed {taps.mqtt.sessions_resumed}, MQTT redeliveries {redelivered}, "
@@ -412,8 +414,8 @@ def run_chaos(stack: LocalStack, taps: Taps, duration: float, rate: float, max_g
     assert not unexplained, f"{len(unexplained)} acknowledged messages lost, not near a kill -9: {unexplained[:5]}"
     assert not wrong, f"{len(wrong)} stored points not in the sequence or with the wrong value, e.g. {wrong[:5]}"
     assert ledger.unique == len(values), f"the writer wrote {ledger.unique} distinct points, InfluxDB has {len(values)}"
-    # At least once, and only as often as a fault can cause: MQTT redeliveries plus what the killed
-    # writer and gateway had not acknowledged.
+    # At least once, and only as often as a fault can cause: MQTT redeliveries, what the killed
+    # writer and gateway had not acknowledged, writes whose answer the writer never got.
     assert report.duplicates <= report.replayable, report.line()
     return report
 
