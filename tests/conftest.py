@@ -50,7 +50,13 @@ def schema_file(name: str) -> Path:
 
 @pytest.hookimpl(trylast=True)  # after -m and -k: count only what would otherwise have run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without the schemas, deselect the tests that need them, loudly; in CI their absence is an error."""
+    """Soak runs only when asked for (``-m soak``). Without the schemas, deselect the tests that need
+    them, loudly; in CI their absence is an error."""
+    if "soak" not in (config.getoption("markexpr") or ""):
+        skip = pytest.mark.skip(reason="soak run (minutes): select it with -m soak")
+        for item in items:
+            if item.get_closest_marker("soak"):
+                item.add_marker(skip)
     if os.environ.get(SCHEMAS_ENV) or os.environ.get("CI"):
         return
     needs = [item for item in items if item.get_closest_marker("schemas")]

@@ -112,6 +112,15 @@ class ManagedProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the last run (negative: the signal that ended it), None while it runs."""
+        return self._proc.poll() if self._proc is not None else None
+
     def stop(self, timeout: float = 15.0) -> None:
         proc = self._proc
         if proc is None or proc.poll() is not None:
