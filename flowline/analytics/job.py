@@ -146,6 +146,8 @@ def health_point(a: Assessment) -> Point:
         fields["hours_to_alarm"] = float(a.hours_to_alarm)
     if a.alarm_limit is not None:
         fields["alarm_limit"] = float(a.alarm_limit)
+    # The engineering unit of alarm_limit and trend_per_day, so a dashboard row carries its own unit.
+    fields["unit"] = s.unit or ""
     return Point(
         "asset_health",
         {"site": s.site, "asset": s.asset, "tag": s.tag, "criticality": s.criticality},
