@@ -7,6 +7,7 @@ servers are for tests that only read and write (each gets a fresh database or to
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,23 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 EXAMPLE_SITE = REPO / "flowline" / "examples" / "north-field.yaml"
+SCHEMAS_ENV = "FLOWLINE_SCHEMAS_DIR"
+
+
+def schemas_dir() -> Path:
+    """The reference schemas: $FLOWLINE_SCHEMAS_DIR (CI sets it), else ../shared/schemas."""
+    return Path(os.environ.get(SCHEMAS_ENV) or SHARED / "schemas")
+
+
+def schema_file(name: str) -> Path:
+    """A reference schema file, or a test failure that says where it was looked for and how to point at it."""
+    path = schemas_dir() / name
+    if not path.is_file():
+        pytest.fail(
+            f"reference schema {name} missing: looked in {path.parent} (set {SCHEMAS_ENV} to the folder holding "
+            "Grafana's grafana-http-api.swagger.json and grafana-dashboard.jsonschema.json)"
+        )
+    return path
 
 MQTT_USER = "flowline"
 MQTT_PASSWORD = "test-" + uuid.uuid4().hex[:8]
