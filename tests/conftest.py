@@ -43,6 +43,7 @@ def schema_file(name: str) -> Path:
         )
     return path
 
+
 MQTT_USER = "flowline"
 MQTT_PASSWORD = "test-" + uuid.uuid4().hex[:8]
 

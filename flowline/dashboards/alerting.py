@@ -273,6 +273,8 @@ def silent_rules(
                 queries=[Query("VALUES", text, SILENT_LOOKBACK_S, reducer="max")],
                 op="lt",
                 threshold=0.5,
+                # A window that began a moment ago may not hold its first value yet: wait one minute.
+                pending="1m",
                 summary="{{ $labels.asset }} {{ $labels.tag }} sent no value for more than " + f"{window:g} s",
                 description=(
                     f"Expected one value every {interval_s:g} s (site file / OPC UA sampling). Check the source, "
