@@ -28,20 +28,17 @@ from flowline.dashboards.provision import (
 from flowline.historian.connection import Connection
 from flowline.historian.writer import HistorianWriter
 from flowline.services import InfluxDServer
-from tests.conftest import SHARED
+from tests.conftest import schema_file
 from tests.grafana_stub import GrafanaStub, SwaggerContract
 
-SCHEMAS = SHARED / "schemas"
 TOKEN = "glsa_test_token"
 
 
 @pytest.fixture(scope="module")
 def contract() -> SwaggerContract:
-    swagger = SCHEMAS / "grafana-http-api.swagger.json"
-    dashboard = SCHEMAS / "grafana-dashboard.jsonschema.json"
-    if not (swagger.exists() and dashboard.exists()):
-        pytest.fail(f"reference schemas missing: expected {swagger} and {dashboard} (../shared/schemas)")
-    return SwaggerContract(swagger, dashboard)
+    return SwaggerContract(
+        schema_file("grafana-http-api.swagger.json"), schema_file("grafana-dashboard.jsonschema.json")
+    )
 
 
 @pytest.fixture
