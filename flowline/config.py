@@ -200,6 +200,13 @@ class AnalyticsConfig(_Section):
         return self.rules.model_copy(update={"horizon_hours": self.horizon_hours})
 
 
+class RollupConfig(_Section):
+    """``flowline historian rollup``: it reads telemetry and writes the rollup tiers, which the DMZ
+    writer's account (write only) cannot do; give it the ``rollup`` role's account here."""
+
+    historian: HistorianConfig | None = None  # defaults to the main historian section
+
+
 class FlowlineConfig(_Section):
     site_file: Path
     data_dir: Path = Path("/var/lib/flowline")
@@ -211,6 +218,7 @@ class FlowlineConfig(_Section):
     relay_dmz: RelayDmzConfig | None = None
     historian: HistorianConfig | None = None
     analytics: AnalyticsConfig = AnalyticsConfig()
+    rollup: RollupConfig = RollupConfig()
 
     def load_site(self) -> Site:
         return load_site(self.site_file)

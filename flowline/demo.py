@@ -195,8 +195,17 @@ def _run(console: Console, stack: LocalStack, duration: float) -> None:
             str(stack.workdir / "report.png"),
         ],
     )
-    _step(console, "Exporting Grafana dashboards")
-    _run_cli(stack, ["dashboards", "export", "--out", str(stack.workdir / "dashboards")])
+    _step(console, "Rolling history up to hourly and per-minute tiers (the dashboards' 90-day panel)")
+    _run_cli(stack, ["historian", "rollup", "--config", str(stack.config_path), "--once"])
+    _step(console, "Exporting Grafana dashboards and alert rules (from the site file)")
+    _run_cli(
+        stack,
+        [
+            *("dashboards", "export", "--config", str(stack.config_path)),
+            *("--out", str(stack.workdir / "dashboards")),
+            *("--alerting-out", str(stack.workdir / "alerting")),
+        ],
+    )
 
     if duration > 0:
         _stream(console, stack, duration)
@@ -346,6 +355,8 @@ def _report(console: Console, stack: LocalStack) -> None:
     if report.exists():
         console.print(f"PNG report of the flagged assets: {report}")
     console.print(f"Dashboards (Grafana JSON): {stack.workdir / 'dashboards'}; config: {stack.config_path}")
+    alerting = stack.workdir / "alerting" / "alerting.yaml"
+    console.print(f"Alert rules, contact points and policy (Grafana provisioning): {alerting}")
 
 
 def _fmt(value: Any, pattern: str) -> str:

@@ -92,7 +92,8 @@ def setup(config_path: Path, admin_user: str, admin_password_env: str, accounts:
 @click.option("--every", default=60.0, show_default=True, help="Seconds between passes when not --once.")
 def rollup(config_path: Path, once: bool, every: float) -> None:
     """Roll telemetry up to telemetry_1m and telemetry_1h (mean, min, max, count, last_quality),
-    incrementally from a checkpoint under data_dir/historian/.
+    incrementally from a checkpoint under data_dir/historian/. Connects with rollup.historian (the
+    rollup role: read and write) when the config has it, else with the historian section.
 
     \b
     Examples:
@@ -100,7 +101,8 @@ def rollup(config_path: Path, once: bool, every: float) -> None:
       flowline historian rollup --config flowline.yaml --every 60
     """
     config, hist = _load(config_path)
-    job = RollupJob.from_config(hist, rollup_checkpoint_path(config))
+    # The rollup role's account (reads raw, writes the tiers), not the DMZ writer's write-only one.
+    job = RollupJob.from_config(config.rollup.historian or hist, rollup_checkpoint_path(config))
     try:
         while True:
             try:
