@@ -104,6 +104,10 @@ def analyze(
                     dask_scheduler=dask_scheduler, progress=progress, collectors=config.collectors,
                 )
         except HistorianError as exc:
+            if report_path is not None:
+                from flowline.analytics.api import write_report_png
+
+                write_report_png([], report_path, site=site, skipped_reason=f"analysis skipped: {exc}")
             if period is None:
                 raise click.ClickException(str(exc)) from exc
             console.print(f"[red]pass failed, retrying next interval: {exc}[/red]")
@@ -113,7 +117,7 @@ def analyze(
             if report_path is not None:
                 from flowline.analytics.api import write_report_png  # matplotlib only when asked
 
-                plotted = write_report_png(report.assessments, report_path)
+                plotted = write_report_png(report.assessments, report_path, site=site)
                 click.echo(f"report: {plotted} flagged asset(s) plotted in {report_path}")
             for a in report.failures():
                 click.echo(f"  {a.result}: {a.spec.key}: {a.reason}")
