@@ -255,3 +255,20 @@ def test_report_says_when_analysis_was_skipped_or_nothing_is_flagged() -> None:
     healthy = assess_series(make_series("healthy"), SPEC)
     texts = _texts(report_figure([healthy], site=site)[0])
     assert "No asset at DEGRADING or worse" in texts and "1 tags assessed, all below DEGRADING" in texts
+
+
+def test_analyze_writes_a_skipped_report_when_influxdb_is_unreachable(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flowline.analytics.cli import analyze
+    from flowline.services import free_port
+
+    config = tmp_path / "flowline.yaml"
+    config.write_text(
+        f"site_file: {EXAMPLE_SITE}\ndata_dir: {tmp_path}\n"
+        f"historian: {{url: 'http://127.0.0.1:{free_port()}', database: flowline, timeout_s: 2}}\n"
+    )
+    report = tmp_path / "report.png"
+    result = CliRunner().invoke(analyze, ["--config", str(config), "--once", "--report", str(report)])
+    assert result.exit_code == 1 and "unreachable" in result.output and "Traceback" not in result.output
+    assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
