@@ -356,7 +356,8 @@ def _report(console: Console, stack: LocalStack) -> None:
         console.print(f"PNG report of the flagged assets: {report}")
     console.print(f"Dashboards (Grafana JSON): {stack.workdir / 'dashboards'}; config: {stack.config_path}")
     alerting = stack.workdir / "alerting" / "alerting.yaml"
-    console.print(f"Alert rules, contact points and policy (Grafana provisioning): {alerting}")
+    # soft_wrap: a path is never folded across lines, so it can be copied (or read by a script).
+    console.print(f"Alert rules, contact points and policy (Grafana provisioning): {alerting}", soft_wrap=True)
 
 
 def _fmt(value: Any, pattern: str) -> str:

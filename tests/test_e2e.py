@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -152,3 +153,8 @@ def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Pa
     assert (workdir / "report.png").stat().st_size > 10_000
     assert len(list((workdir / "dashboards").glob("*.json"))) >= 4
     assert "Degrading assets" in result.stdout
+    alerting = workdir / "alerting" / "alerting.yaml"
+    assert f"Alert rules, contact points and policy (Grafana provisioning): {alerting.resolve()}" in result.stdout
+    assert "critical asset degrading" in alerting.read_text()
+    rollup_log = (workdir / "logs" / "historian.log").read_text()
+    assert re.search(r"1h: \d+ windows, [1-9]\d* points written", rollup_log), rollup_log
