@@ -35,9 +35,10 @@ from grafana_client.client import GrafanaClientError
 
 from flowline.analytics.job import expected_per_hour, opcua_default_interval_ms
 from flowline.config import OpcUaCollectorConfig, SpoolConfig
-from flowline.dashboards.builder import JSON, quote_ident, quote_literal
+from flowline.dashboards.builder import JSON, quote_ident
 from flowline.dashboards.definitions import RELIABILITY_UID, STALE_INTERVALS
 from flowline.dashboards.provision import DATASOURCE_UID, FOLDER_TITLE, FOLDER_UID, ProvisionError, ProvisionReport
+from flowline.historian.query import quote_literal
 from flowline.inventory import Criticality, Site
 
 ORG_ID = 1

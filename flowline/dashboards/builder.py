@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from flowline.historian.query import quote_literal
+
 JSON = dict[str, Any]
 Fill = Literal["null", "none", "previous", "0"]
 
@@ -48,10 +50,6 @@ class DashboardBuildError(ValueError):
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def quote_literal(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 @dataclass(frozen=True)
