@@ -158,3 +158,9 @@ def test_export_writes_the_alerting_file_only_with_a_site(tmp_path: Path) -> Non
     assert yaml.safe_load((out / PACKAGED_ALERTING).read_text())["groups"][0]["rules"]
     refused = runner.invoke(main, ["dashboards", "export", "--out", str(tmp_path / "d"), "--alerting-out", str(out)])
     assert refused.exit_code == 2 and "alert rules are generated from a site file" in refused.output
+
+
+def test_export_without_a_site_says_what_the_dashboards_lack(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["dashboards", "export", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert "No site file" in result.output and "no alarm bands" in result.output
