@@ -14,7 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from flowline.cli import main
+from flowline.core.cli import main
 from flowline.dashboards.alerting import (
     FLOWLINE_LABEL,
     TEAMS,
@@ -24,11 +24,14 @@ from flowline.dashboards.alerting import (
     policy_tree,
     reduce_ref,
 )
-from flowline.dashboards.export import PACKAGED_ALERTING, PACKAGED_ALERTING_DIR, PACKAGED_SITE
+from flowline.dashboards.export import PACKAGED_ALERTING, PACKAGED_ALERTING_DIR
 from flowline.dashboards.provision import FOLDER_UID
 from flowline.inventory import load_site
 from tests.conftest import EXAMPLE_SITE, schema_file
+from tests.dashboard_helpers import EXPORT_COMMAND
 from tests.grafana_stub import GrafanaStub, SwaggerContract
+
+pytestmark = pytest.mark.schemas
 
 TOKEN = "glsa_alerting_token"
 SITE = load_site(EXAMPLE_SITE)
@@ -77,11 +80,7 @@ def test_provisioning_file_validates_and_the_committed_one_is_current(contract: 
     doc = alerting_file(RULES, SITE.site)
     assert contract.validate_definition("AlertingFileExport", doc) == []
     committed = yaml.safe_load((PACKAGED_ALERTING_DIR / PACKAGED_ALERTING).read_text(encoding="utf-8"))
-    assert committed == alerting_file(alert_rules(load_site(PACKAGED_SITE)), load_site(PACKAGED_SITE).site), (
-        "stale: flowline dashboards export --out flowline/dashboards/json --provisioning-out "
-        "flowline/dashboards/provisioning --site flowline/examples/north-field.yaml "
-        "--alerting-out flowline/dashboards/provisioning/alerting"
-    )
+    assert committed == alerting_file(RULES, SITE.site), f"stale: run {EXPORT_COMMAND}"
     # Addresses come from Grafana's environment, never written into the file.
     addresses = {r["settings"]["addresses"] for cp in committed["contactPoints"] for r in cp["receivers"]}
     assert addresses == {"$FLOWLINE_ALERT_EMAIL_RELIABILITY", "$FLOWLINE_ALERT_EMAIL_OPERATIONS"}

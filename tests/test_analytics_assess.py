@@ -261,7 +261,7 @@ def test_analyze_writes_a_skipped_report_when_influxdb_is_unreachable(tmp_path: 
     from click.testing import CliRunner
 
     from flowline.analytics.cli import analyze
-    from flowline.services import free_port
+    from flowline.lab.services import free_port
 
     config = tmp_path / "flowline.yaml"
     config.write_text(

@@ -11,12 +11,13 @@ import jsonschema
 import pytest
 from click.testing import CliRunner
 
-from flowline.cli import main
+from flowline.core.cli import main
 from flowline.dashboards.builder import Col, DashboardBuildError, Select, override
 from flowline.dashboards.definitions import RELIABILITY_UID, all_dashboards
-from flowline.dashboards.export import PACKAGED_JSON, PACKAGED_SITE, dumps, render_all
+from flowline.dashboards.export import PACKAGED_JSON, dumps, render_all
 from flowline.inventory import load_site
 from tests.conftest import EXAMPLE_SITE, schema_file
+from tests.dashboard_helpers import EXPORT_COMMAND
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def _all_variants() -> list[tuple[str, dict[str, Any]]]:
     return [(f"{n} (generic)", d) for n, d in plain.items()] + [(f"{n} (site)", d) for n, d in with_site.items()]
 
 
+@pytest.mark.schemas
 @pytest.mark.parametrize(("name", "dashboard"), _all_variants(), ids=[n for n, _ in _all_variants()])
 def test_dashboard_validates_against_grafana_schema(
     name: str, dashboard: dict[str, Any], validator: jsonschema.Draft7Validator
@@ -41,12 +43,10 @@ def test_dashboard_validates_against_grafana_schema(
 
 def test_committed_json_is_what_the_code_generates() -> None:
     # The committed copies are the docker deployment's default: rendered with its default site file.
-    generated = {name: dumps(d) for name, d in render_all(load_site(PACKAGED_SITE)).items()}
+    generated = {name: dumps(d) for name, d in render_all(load_site(EXAMPLE_SITE)).items()}
     committed = {p.name: p.read_text(encoding="utf-8") for p in PACKAGED_JSON.glob("*.json")}
     assert committed == generated, (
-        "committed dashboards are stale: run `flowline dashboards export --out flowline/dashboards/json "
-        "--provisioning-out flowline/dashboards/provisioning --site flowline/examples/north-field.yaml "
-        "--alerting-out flowline/dashboards/provisioning/alerting`"
+        f"committed dashboards are stale: run `{EXPORT_COMMAND}`"
     )
 
 

@@ -36,8 +36,8 @@ from flowline.dashboards.definitions import (
 from flowline.historian.connection import Connection
 from flowline.historian.writer import HistorianWriter
 from flowline.inventory import Criticality, load_site
-from flowline.services import InfluxDServer
-from flowline.sim.plant import Plant
+from flowline.lab.services import InfluxDServer
+from flowline.lab.sim.plant import Plant
 from tests.conftest import EXAMPLE_SITE
 from tests.dashboard_helpers import InfluxReader, PipelineData, PlantState, load_plant_state, regex_escape
 from tests.grafana_eval import (

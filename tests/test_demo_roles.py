@@ -11,10 +11,10 @@ import pytest
 import requests
 from click.testing import CliRunner
 
+from flowline.core.points import TagRef, encode_lines, telemetry_point
 from flowline.historian.cli import historian
 from flowline.historian.setup import ROLES
-from flowline.points import TagRef, encode_lines, telemetry_point
-from flowline.stack import DATABASE, INFLUX_ACCOUNTS, LocalStack
+from flowline.lab.stack import DATABASE, INFLUX_ACCOUNTS, LocalStack
 
 
 @pytest.fixture(scope="module")
