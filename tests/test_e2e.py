@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -133,6 +134,7 @@ def test_opcua_and_mqtt_values_land_with_tags_value_quality_and_timestamp(
     assert stages
 
 
+@pytest.mark.timeout(660)  # the demo itself may take up to its 600 s subprocess timeout
 def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Path) -> None:
     seed = 7
     workdir = tmp_path / "demo"
@@ -159,3 +161,8 @@ def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Pa
     assert states == dict.fromkeys(
         ["analytics", "collector-mqtt", "collector-opcua", "relay-dmz", "relay-ot", "relay-writer"], "stopped"
     )
+    alerting = workdir / "alerting" / "alerting.yaml"
+    assert f"Alert rules, contact points and policy (Grafana provisioning): {alerting.resolve()}" in result.stdout
+    assert "critical asset degrading" in alerting.read_text()
+    rollup_log = (workdir / "logs" / "historian.log").read_text()  # the demo rolls up the hourly tier
+    assert re.search(r"1h: \d+ windows, [1-9]\d* points written", rollup_log), rollup_log

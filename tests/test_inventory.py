@@ -158,3 +158,19 @@ def test_assets_check_cli(tmp_path: Path) -> None:
 
     missing = runner.invoke(flowline, ["assets", "check", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 1 and "cannot read file" in missing.output
+
+
+def test_production_stream_must_not_mix_units(tmp_path: Path) -> None:
+    speed = 'source: {opcua: {node: "ns=2;s=K-301.speed"}}'
+    text = MINIMAL.replace("        alarm: {high: 95}\n", "        alarm: {high: 95}\n        production: crude\n")
+    text = text.replace(speed, speed + "\n        production: crude")
+    _, problems = _problems(tmp_path, text)
+    assert any("production stream 'crude' mixes units degC, rpm" in p for p in problems), problems
+
+
+def test_example_site_production_streams() -> None:
+    streams = load_site(EXAMPLE_SITE).production_streams()
+    assert {stream: [(a.id, t.name, t.unit) for a, t in tags] for stream, tags in streams.items()} == {
+        "crude export": [("P-101", "flow", "m3/h"), ("P-102", "flow", "m3/h")],
+        "gas": [("V-201", "gas_flow", "Sm3/h")],
+    }

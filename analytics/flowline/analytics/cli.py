@@ -24,7 +24,7 @@ from flowline.core.errors import ConfigError
 from flowline.core.metrics import Metrics
 from flowline.core.status import ProcessStatus
 from flowline.historian.errors import HistorianError
-from flowline.inventory import load_site
+from flowline.inventory import Site, load_site
 from flowline.inventory.loader import SiteFileError
 
 log = logging.getLogger("flowline.analytics")
@@ -114,6 +114,10 @@ def analyze(
                         dask_scheduler=dask_scheduler, progress=progress, collectors=config.collectors,
                     )
             except HistorianError as exc:
+                if report_path is not None:  # an empty report must say the analysis was skipped, and why
+                    from flowline.analytics.api import write_report_png
+
+                    write_report_png([], report_path, site=site, skipped_reason=f"analysis skipped: {exc}")
                 status.connected(historian.url, "source", False, error=str(exc))
                 status.extra["last_pass"] = {"error": str(exc)}
                 if period is None:
@@ -123,7 +127,7 @@ def analyze(
             else:
                 status.ok(historian.url, "source")
                 status.extra["last_pass"] = report.summary()
-                _print_pass(console, report, report_path)
+                _print_pass(console, report, report_path, site)
                 if period is not None:  # a service: one timestamped line per pass in its log
                     note = not_assessed_note(report.assessments)
                     (log.warning if note else log.info)("analytics pass: %s", report.summary_line())
@@ -132,7 +136,7 @@ def analyze(
             time.sleep(max(0.0, period - (time.monotonic() - started)))
 
 
-def _print_pass(console: Console, report: PassReport, report_path: Path | None) -> None:
+def _print_pass(console: Console, report: PassReport, report_path: Path | None, site: Site) -> None:
     counts = report.counts()
     note = not_assessed_note(report.assessments)
     if report.ranked():
@@ -144,7 +148,7 @@ def _print_pass(console: Console, report: PassReport, report_path: Path | None) 
     if report_path is not None:
         from flowline.analytics.api import write_report_png  # matplotlib only when asked
 
-        plotted = write_report_png(report.assessments, report_path)
+        plotted = write_report_png(report.assessments, report_path, site=site)
         click.echo(f"report: {plotted} flagged asset(s) plotted in {report_path}")
     for a in report.failures():
         click.echo(f"  {a.result}: {a.spec.key}: {a.reason}")

@@ -35,7 +35,8 @@ from flowline.core.points import Point
 from flowline.historian.errors import HistorianError
 from flowline.historian.query import HistorianReader, quote_literal
 from flowline.historian.writer import HistorianWriter
-from flowline.inventory import Site, Tag
+from flowline.inventory import Site
+from flowline.inventory.rates import expected_per_hour, opcua_default_interval_ms
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ def health_point(a: Assessment) -> Point:
         fields["hours_to_alarm"] = float(a.hours_to_alarm)
     if a.alarm_limit is not None:
         fields["alarm_limit"] = float(a.alarm_limit)
+    # The engineering unit of alarm_limit and trend_per_day, so a dashboard row carries its own unit.
+    fields["unit"] = s.unit or ""
     return Point(
         "asset_health",
         {"site": s.site, "asset": s.asset, "tag": s.tag, "criticality": s.criticality},
@@ -190,28 +193,6 @@ def event_point(a: Assessment, previous: Flag) -> Point | None:
         },
         int(a.assessed_at.value),
     )
-
-
-def opcua_default_interval_ms(opcua: OpcUaCollectorConfig | None) -> float:
-    """The OPC UA collector's sampling interval for tags without ``sampling_ms``; 0 ("as fast as the
-    server samples") is bounded in practice by the publishing interval, so that is used instead."""
-    if opcua is None:
-        defaults = OpcUaCollectorConfig.model_fields
-        sampling, publishing = defaults["sampling_interval_ms"].default, defaults["publishing_interval_ms"].default
-    else:
-        sampling, publishing = opcua.sampling_interval_ms, opcua.publishing_interval_ms
-    return float(sampling or publishing)
-
-
-def expected_per_hour(tag: Tag, opcua_interval_ms: float) -> float | None:
-    """Values per hour the tag should deliver, or None when nothing says (MQTT/Sparkplug without
-    ``expected_interval_s``). A deadband makes this an upper bound: unchanged values are not sent."""
-    if tag.expected_interval_s is not None:
-        return 3600.0 / tag.expected_interval_s
-    source = tag.source.opcua
-    if source is None:
-        return None
-    return 3_600_000.0 / (source.sampling_ms or opcua_interval_ms)
 
 
 def inventory_points(site: Site, timestamp_ns: int, opcua: OpcUaCollectorConfig | None = None) -> list[Point]:

@@ -196,6 +196,13 @@ class AnalyticsConfig(_Section):
     rules: dict[str, Any] = {}
 
 
+class RollupConfig(_Section):
+    """``flowline historian rollup``: it reads telemetry and writes the rollup tiers, which the DMZ
+    writer's account (write only) cannot do; give it the ``rollup`` role's account here."""
+
+    historian: HistorianConfig | None = None  # defaults to the main historian section
+
+
 class FlowlineConfig(_Section):
     site_file: Path
     data_dir: Path = Path("/var/lib/flowline")
@@ -207,6 +214,7 @@ class FlowlineConfig(_Section):
     relay_dmz: RelayDmzConfig | None = None
     historian: HistorianConfig | None = None
     analytics: AnalyticsConfig = AnalyticsConfig()
+    rollup: RollupConfig = RollupConfig()
 
     def spool_dir(self, name: str) -> Path:
         return self.data_dir / "spool" / name

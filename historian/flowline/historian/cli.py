@@ -24,6 +24,7 @@ from flowline.historian.errors import HistorianError, HistorianUnavailableError
 from flowline.historian.paths import dead_letter_path, rollup_checkpoint_path
 from flowline.historian.rollups import RollupJob
 from flowline.historian.setup import ROLES, Account, setup_v1
+from flowline.historian.tiers import TIERS, TIERS_BY_NAME
 
 console = Console(stderr=True)
 log = logging.getLogger("flowline.historian.rollup")
@@ -147,9 +148,17 @@ def setup_v2_command(
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="Install config YAML.")
 @click.option("--once", is_flag=True, help="Roll up what is due and exit.")
 @click.option("--every", default=60.0, show_default=True, help="Seconds between passes when not --once.")
-def rollup(config_path: Path, once: bool, every: float) -> None:
+@click.option(
+    "--tier",
+    "tier_names",
+    multiple=True,
+    type=click.Choice(list(TIERS_BY_NAME)),
+    help="Only these tiers (repeatable; default: all).",
+)
+def rollup(config_path: Path, once: bool, every: float, tier_names: tuple[str, ...]) -> None:
     """Roll telemetry up to telemetry_1m and telemetry_1h (mean, min, max, count, last_quality),
-    incrementally from a checkpoint under data_dir/historian/.
+    incrementally from a checkpoint under data_dir/historian/. Connects with rollup.historian (the
+    rollup role: read and write) when the config has it, else with the historian section.
 
     \b
     Examples:
@@ -159,7 +168,9 @@ def rollup(config_path: Path, once: bool, every: float) -> None:
     config, hist = _load(config_path)
     if not once:
         service_logging()  # a long-running job: its lines carry timestamps
-    job = RollupJob.from_config(hist, rollup_checkpoint_path(config))
+    # The rollup role's account (reads raw, writes the tiers), not the DMZ writer's write-only one.
+    tiers = tuple(TIERS_BY_NAME[name] for name in tier_names) or TIERS
+    job = RollupJob.from_config(config.rollup.historian or hist, rollup_checkpoint_path(config), tiers)
     status = ProcessStatus(config.data_dir, "rollup").start()
     try:
         while True:

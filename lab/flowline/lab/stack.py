@@ -24,11 +24,13 @@ from typing import Any
 
 import yaml
 
+from flowline.core.config import HistorianConfig
+from flowline.historian.connection import Connection
+from flowline.historian.setup import Account, setup_v1
 from flowline.inventory import load_site
 from flowline.lab.pki import CertFiles, CertificateAuthority
 from flowline.lab.services import (
     InfluxDServer,
-    InfluxUser,
     ManagedProcess,
     MosquittoServer,
     TlsFiles,
@@ -38,6 +40,13 @@ from flowline.lab.services import (
 from flowline.lab.sim.opcua_server import server_certificate
 
 DATABASE = "flowline"
+# InfluxDB account per role (grants in flowline.historian.setup.grants_for).
+INFLUX_ACCOUNTS = {
+    "writer": "flowline_writer",
+    "rollup": "flowline_rollup",
+    "analytics": "flowline_analytics",
+    "grafana": "grafana",
+}
 SENDER_ID = "ot-north-1"
 EXAMPLE_SITE = Path(__file__).resolve().parent / "examples" / "north-field.yaml"
 
@@ -128,22 +137,17 @@ class LocalStack:
         # The simulator finds its server certificate as opcua-server.* in --cert-dir (the CA's folder).
         self.sim_certs = server_certificate(pki, load_site(self.options.site_file).site)
         self._secret("signing-key", secrets.token_hex(32))
-        for name in ("influx-writer", "influx-analytics", "influx-grafana", "mqtt-collector", "mqtt-sim"):
+        for name in (*(f"influx-{role}" for role in INFLUX_ACCOUNTS), "mqtt-collector", "mqtt-sim"):
             self._secret(name)
 
     def start_services(self) -> None:
         self.influx.start()
-        self.influx.create_database(DATABASE)
-        self.influx.create_user(
-            InfluxUser("flowline_writer", self.passwords["influx-writer"], grants=((DATABASE, "WRITE"),))
-        )
-        # Analytics reads history and writes its own measurements; InfluxDB 1.x grants are per database.
-        self.influx.create_user(
-            InfluxUser("flowline_analytics", self.passwords["influx-analytics"], grants=((DATABASE, "ALL"),))
-        )
-        self.influx.create_user(
-            InfluxUser("grafana", self.passwords["influx-grafana"], grants=((DATABASE, "READ"),))
-        )
+        # The historian's own set-up, as a site runs it: database, retention tiers (raw, rollup_1m,
+        # rollup_1h) and one account per role with only its grants (flowline.historian.setup).
+        influx_admin = self.influx.admin
+        admin = Connection(self.influx.url, DATABASE, username=influx_admin.name, password=influx_admin.password)
+        accounts = {role: Account(name, self.passwords[f"influx-{role}"]) for role, name in INFLUX_ACCOUNTS.items()}
+        setup_v1(admin, HistorianConfig(url=self.influx.url, database=DATABASE), accounts)
         self.mosquitto = MosquittoServer(
             self.workdir / "mosquitto",
             users={"collector": self.passwords["mqtt-collector"], "sim": self.passwords["mqtt-sim"]},
@@ -209,14 +213,8 @@ class LocalStack:
                 "username": "flowline_writer",
                 "password": {"file": str(self.secrets_dir / "influx-writer")},
             },
-            "analytics": {
-                "historian": {
-                    "url": self.influx.url,
-                    "database": DATABASE,
-                    "username": "flowline_analytics",
-                    "password": {"file": str(self.secrets_dir / "influx-analytics")},
-                },
-            },
+            "analytics": {"historian": self._historian_account("analytics")},
+            "rollup": {"historian": self._historian_account("rollup")},
         }
         config["relay_dmz"] = {
             "listen_host": "127.0.0.1",
@@ -230,6 +228,14 @@ class LocalStack:
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         return self.config_path
+
+    def _historian_account(self, role: str) -> dict[str, Any]:
+        return {
+            "url": self.influx.url,
+            "database": DATABASE,
+            "username": INFLUX_ACCOUNTS[role],
+            "password": {"file": str(self.secrets_dir / f"influx-{role}")},
+        }
 
     # --- stages -------------------------------------------------------------------------------------
 
