@@ -51,6 +51,10 @@ COMMANDS: dict[str, LazyCommand] = {
         "flowline.analytics.cli:detect",
         "Score a CSV series row by row, causally: each row's score uses only that row and earlier ones.",
     ),
+    "export": LazyCommand(
+        "flowline.analytics.cli:export",
+        "Write tags of one or several assets to Parquet or CSV, streamed in chunks.",
+    ),
     "historian": LazyCommand(
         "flowline.historian.cli:historian",
         "The InfluxDB historian: set-up, rollups, dead letters.",
@@ -58,6 +62,10 @@ COMMANDS: dict[str, LazyCommand] = {
     "relay": LazyCommand(
         "flowline.relay.cli:relay",
         "OT sender and DMZ gateway (mutual TLS, signed batches), writer, and strict diode mode.",
+    ),
+    "stack": LazyCommand(
+        "flowline.demo:stack",
+        "The demo stack kept running for notebooks and exports: up, status, down.",
     ),
     "sim": LazyCommand(
         "flowline.sim.cli:sim",

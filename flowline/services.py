@@ -110,6 +110,11 @@ class ManagedProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id (None when not started or exited)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def stop(self, timeout: float = 15.0) -> None:
         proc = self._proc
         if proc is None or proc.poll() is not None:
