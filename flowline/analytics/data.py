@@ -43,6 +43,7 @@ import pandas as pd
 from flowline.config import ConfigError, FlowlineConfig, HistorianConfig, load_config
 from flowline.historian.errors import HistorianError, HistorianUnavailableError
 from flowline.historian.query import HistorianReader, measurement_ref, quote_ident, quote_literal, to_ns
+from flowline.historian.rollups import TIERS_BY_NAME
 from flowline.inventory import Site
 from flowline.points import TELEMETRY
 
@@ -55,9 +56,7 @@ Layout: TypeAlias = Literal["long", "wide"]
 TimeArg: TypeAlias = str | pd.Timestamp | Any
 
 RESOLUTIONS: tuple[Resolution, ...] = ("raw", "1m", "1h")
-STEP = {"1m": pd.Timedelta(minutes=1), "1h": pd.Timedelta(hours=1)}
-# Rollup tiers as the rollup job writes them (`flowline.historian.rollups.TIERS`).
-ROLLUP = {"1m": ("rollup_1m", "telemetry_1m"), "1h": ("rollup_1h", "telemetry_1h")}
+STEP = {name: pd.Timedelta(seconds=tier.step_s) for name, tier in TIERS_BY_NAME.items()}
 RAW_UP_TO = pd.Timedelta(days=2)
 MINUTE_UP_TO = pd.Timedelta(days=31)
 RAW_ROWS_PER_TAG_S = 1.0  # chunk sizing for raw reads: the simulator's (and a typical collector's) rate
@@ -190,6 +189,7 @@ class DataSource:
         chunk_rows: int = 500_000,
     ) -> ReadPlan:
         """Resolve a request into a `ReadPlan` (validates names, range and options)."""
+        _check_tz(tz)
         known = {(a.id, t.name) for a, t in self.site.iter_tags()}
         asset_ids = _as_list(assets) or sorted({a for a, _ in known})
         missing = [a for a in asset_ids if a not in self.site.assets_by_id]
@@ -339,6 +339,13 @@ class ExportResult:
 # --- internals --------------------------------------------------------------------------------------
 
 
+def _check_tz(tz: str) -> None:
+    try:
+        pd.Timestamp(0, tz=tz)
+    except (KeyError, ValueError) as exc:  # zoneinfo and pytz both raise KeyError subclasses
+        raise ValueError(f"unknown time zone {tz!r} (use an IANA name such as UTC or Europe/Oslo)") from exc
+
+
 def _as_list(value: str | Sequence[str] | None) -> list[str] | None:
     if value is None:
         return None
@@ -400,10 +407,10 @@ def _read_window(reader: HistorianReader, plan: ReadPlan, window: Window) -> pd.
 
 
 def _read_rollup(reader: HistorianReader, plan: ReadPlan, window: Window, where: list[str]) -> pd.DataFrame:
-    policy, measurement = ROLLUP[plan.resolution]
+    tier = TIERS_BY_NAME[plan.resolution]
     q = (
         'SELECT "mean", "last_quality", "min", "max", "count" FROM '
-        f"{measurement_ref(reader.conn.database, policy, measurement)} WHERE {' AND '.join(where)} "
+        f"{measurement_ref(reader.conn.database, tier.policy, tier.measurement)} WHERE {' AND '.join(where)} "
         'GROUP BY "asset", "tag"'
     )
     names = ["time", "value", "quality", "min", "max", "count"]
