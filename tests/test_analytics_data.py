@@ -97,7 +97,7 @@ def test_config_rule_env_first_then_the_demo_folder_here_or_above(
     monkeypatch.setenv("FLOWLINE_CONFIG", str(other))
     assert find_config(nested) == other
     monkeypatch.setenv("FLOWLINE_CONFIG", str(tmp_path / "missing.yaml"))
-    with pytest.raises(NoStackError, match="missing.yaml: no such file"):
+    with pytest.raises(NoStackError, match=r"missing\.yaml: no such file"):
         find_config(nested)
 
 
