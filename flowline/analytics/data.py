@@ -40,6 +40,10 @@ from typing import Any, Literal, TypeAlias
 
 import pandas as pd
 
+from flowline.analytics.assess import SeriesSpec
+from flowline.analytics.backtest import REPLAY_COLUMNS, replay, to_utc
+from flowline.analytics.job import parse_duration, series_specs
+from flowline.analytics.rules import AssessmentRules
 from flowline.config import ConfigError, FlowlineConfig, HistorianConfig, load_config
 from flowline.historian.errors import HistorianError, HistorianUnavailableError
 from flowline.historian.query import HistorianReader, measurement_ref, quote_ident, quote_literal, to_ns
@@ -97,7 +101,7 @@ def connect(config: str | Path | FlowlineConfig | None = None) -> DataSource:
     if not isinstance(config, FlowlineConfig):
         path = find_config() if config is None else Path(config)
         config = load_config(path)
-    section = (config.analytics.historian if config.analytics else None) or config.historian
+    section = config.analytics.historian or config.historian
     if section is None:
         raise ConfigError(f"{path or 'config'}: no 'analytics.historian' or 'historian' section to read from")
     return DataSource(config.load_site(), section, config, path)
@@ -108,14 +112,6 @@ def choose_resolution(start: pd.Timestamp, end: pd.Timestamp) -> Resolution:
     if span <= RAW_UP_TO:
         return "raw"
     return "1m" if span <= MINUTE_UP_TO else "1h"
-
-
-def to_utc(value: TimeArg, tz: str) -> pd.Timestamp:
-    """A timestamp in UTC; a naive one is read as local time in ``tz``."""
-    stamp = pd.Timestamp(value)
-    if stamp.tzinfo is None:
-        stamp = stamp.tz_localize(tz)
-    return stamp.tz_convert("UTC")
 
 
 @dataclass(frozen=True)
@@ -268,7 +264,7 @@ class DataSource:
             assets, tags, start=start, end=end, days=days, resolution=resolution, quality=quality, tz=tz,
             chunk_rows=chunk_rows,
         )
-        with _progress_bar(plan, progress) as advance:
+        with _read_bar(plan, progress) as advance:
             frames = list(self.iter_frames(plan, tz=tz, progress=advance))
         long = pd.concat(frames, ignore_index=True) if frames else _empty(plan)
         out = widen(long, plan, tz) if layout == "wide" else long
@@ -306,7 +302,7 @@ class DataSource:
         sink: _Sink = _ParquetSink(path) if fmt == "parquet" else _CsvSink(path)
         rows = 0
         try:
-            with _progress_bar(plan, progress) as advance:
+            with _read_bar(plan, progress) as advance:
                 for frame in self.iter_frames(plan, tz=tz, progress=advance):
                     out = widen(frame, plan, tz) if layout == "wide" else frame
                     sink.write(out.reset_index() if layout == "wide" else out)
@@ -317,6 +313,64 @@ class DataSource:
         finally:
             sink.close()
         return ExportResult(path, fmt, rows, plan)
+
+    # --- assessment and backtest -------------------------------------------------------------------
+
+    def specs(
+        self, assets: str | Sequence[str] | None = None, tags: str | Sequence[str] | None = None
+    ) -> list[SeriesSpec]:
+        """The job's series (forecast tags, with their alarm limits and consequence), filtered."""
+        wanted_assets, wanted_tags = _as_list(assets), _as_list(tags)
+        return [
+            spec
+            for spec in series_specs(self.site)
+            if (wanted_assets is None or spec.asset in wanted_assets)
+            and (wanted_tags is None or spec.tag in wanted_tags)
+        ]
+
+    def rules(self) -> AssessmentRules:
+        """The install's assessment rules (``analytics.rules`` and ``analytics.horizon_hours``)."""
+        return self.config.analytics.assessment_rules() if self.config is not None else AssessmentRules()
+
+    def backtest(
+        self,
+        assets: str | Sequence[str] | None = None,
+        tags: str | Sequence[str] | None = None,
+        *,
+        start: TimeArg | None = None,
+        end: TimeArg | None = None,
+        days: float = 14,
+        every: str = "6h",
+        rules: AssessmentRules | None = None,
+        tz: str = "UTC",
+        progress: bool | None = None,
+    ) -> pd.DataFrame:
+        """`backtest.replay` of every forecast tag of the assets (or the given tags) over [start, end]
+        (default: the last ``days``), on 1-minute means of good values read from ``analytics.history``
+        before ``start``; one row per (time, asset, tag). Score it with `backtest.score`."""
+        rules = rules or self.rules()
+        history = self.config.analytics.history if self.config is not None else "14d"
+        lookback = parse_duration(history)
+        _check_tz(tz)
+        end_utc = to_utc(end, tz) if end is not None else pd.Timestamp.now(tz="UTC")
+        start_utc = to_utc(start, tz) if start is not None else end_utc - pd.Timedelta(days=days)
+        specs = self.specs(assets, tags)
+        if not specs:
+            raise ValueError(f"no forecast tag with alarm limits among {assets or 'the assets'} / {tags or 'all tags'}")
+        times = len(pd.date_range(start_utc.ceil(every), end_utc, freq=every))
+        frames = []
+        with _progress_bar(f"replaying {len(specs)} tag(s)", times * len(specs), progress is not False) as advance:
+            for spec in specs:
+                values = self.load(
+                    spec.asset, spec.tag, start=start_utc - lookback, end=end_utc, resolution="1m", progress=False
+                ).set_index("time")["value"]
+                replayed = replay(
+                    values, spec, rules, start=start_utc, end=end_utc, every=every, window=history, progress=advance
+                )
+                frames.append(replayed.reset_index().assign(asset=spec.asset, tag=spec.tag))
+        out = pd.concat(frames, ignore_index=True)[["time", "asset", "tag", *REPLAY_COLUMNS]]
+        out["time"] = out["time"].dt.tz_convert(tz)
+        return out
 
     def _hint(self) -> str:
         if self.config_path is not None and self.config_path.parent.name == DEMO_CONFIG.parent.name:
@@ -566,9 +620,9 @@ class _ParquetSink(_Sink):
 
 
 @contextmanager
-def _progress_bar(plan: ReadPlan, show: bool | None) -> Iterator[Callable[[int], None] | None]:
-    """A rich progress bar over the windows of a plan (default: when there are more than 4)."""
-    if not (len(plan.windows) > 4 if show is None else show):
+def _progress_bar(description: str, total: int, show: bool) -> Iterator[Callable[[int], None] | None]:
+    """A rich progress bar (also rendered in notebooks) while reading or replaying."""
+    if not show:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -576,5 +630,13 @@ def _progress_bar(plan: ReadPlan, show: bool | None) -> Iterator[Callable[[int],
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
     ) as bar:
-        task = bar.add_task(f"reading {len(plan.series)} tag(s), {plan.resolution}", total=len(plan.windows))
+        task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def _read_bar(plan: ReadPlan, show: bool | None) -> Any:
+    """The progress bar of a read: by default when it takes more than 4 windows."""
+    return _progress_bar(
+        f"reading {len(plan.series)} tag(s), {plan.resolution}", len(plan.windows),
+        len(plan.windows) > 4 if show is None else show,
+    )
