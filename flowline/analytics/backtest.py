@@ -151,10 +151,11 @@ class BacktestScore:
         lead = "" if not s.get("caught") else (
             f", lead time median {s['lead_hours_median']:.0f} h (min {s['lead_hours_min']:.0f} h)"
         )
+        outside = f"; {s['outside']} event(s) outside the replay's series or period" if s["outside"] else ""
         return (
-            f"{s['caught']} of {s['events']} events caught at {self.min_flag.name} or worse{lead}; "
-            f"{s['missed']} missed, {s['open']} open, {s['false_flags']} false flag(s) "
-            f"in {self.evaluations} evaluations"
+            f"{s['caught']} of {int(s['events']) - int(s['outside'])} events caught at {self.min_flag.name} or "
+            f"worse{lead}; {s['missed']} missed, {s['open']} open, {s['false_flags']} false flag(s) "
+            f"in {self.evaluations} evaluations{outside}"
         )
 
 
