@@ -129,3 +129,13 @@ def test_kept_demo_then_readme_snippet_notebooks_and_export_with_no_hand_edits(
     assert not [name for name, pid in pids.items() if _alive(pid)]
     after = _flowline(["stack", "status"], tmp_path, env)
     assert after.returncode == 1 and "no stack is kept running in .flowline-demo" in after.stderr
+
+
+def test_notebooks_script_says_what_to_run_when_no_stack_is_up() -> None:
+    if (REPO / ".flowline-demo" / "stack.json").exists():
+        pytest.skip("a demo stack is kept running in this checkout")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWLINE_")}
+    done = subprocess.run([str(REPO / "scripts" / "notebooks")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "start one with:  scripts/demo --keep" in done.stderr
+    assert "FLOWLINE_CONFIG=/path/to/flowline.yaml scripts/notebooks" in done.stderr
