@@ -72,7 +72,7 @@ def measure(config: str, what: str, out: str) -> dict[str, float | int]:
     start, end = END - pd.Timedelta(days=DAYS), END
     began = time.perf_counter()
     if what == "export-raw":
-        rows = source.export(out, ASSET, start=start, end=end, resolution="raw", progress=False).rows
+        rows = source.export(out, source.plan(ASSET, start=start, end=end, resolution="raw"), progress=False).rows
     elif what == "load-raw":
         rows = len(source.load(ASSET, start=start, end=end, resolution="raw", progress=False))
     else:

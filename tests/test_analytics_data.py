@@ -203,21 +203,27 @@ def test_hourly_resolution_from_raw_when_no_rollup_ran_and_from_the_rollups_when
 def test_export_parquet_and_csv_stream_the_same_rows(source: DataSource, tmp_path: Path) -> None:
     end = START + pd.Timedelta(days=1)
     expected = source.load(list(ASSETS), start=START, end=end, resolution="raw")
-    result = source.export(tmp_path / "x.parquet", list(ASSETS), start=START, end=end, resolution="raw",
-                           chunk_rows=50_000)
+    result = source.export(
+        tmp_path / "x.parquet", source.plan(list(ASSETS), start=START, end=end, resolution="raw", chunk_rows=50_000)
+    )
     assert result.rows == len(expected) and len(result.plan.windows) > 1
     back = pd.read_parquet(tmp_path / "x.parquet")
     assert len(back) == len(expected)
     assert np.allclose(back["value"].to_numpy(), expected["value"].to_numpy())
     assert str(back["time"].dt.tz) == "UTC"
 
-    source.export(tmp_path / "x.csv", list(ASSETS), start=START, end=end, resolution="raw", chunk_rows=50_000)
+    source.export(tmp_path / "x.csv", source.plan(list(ASSETS), start=START, end=end, resolution="raw",
+                                                  chunk_rows=50_000))
     csv = pd.read_csv(tmp_path / "x.csv", parse_dates=["time"])
     assert len(csv) == len(expected) and list(csv.columns) == ["time", "asset", "tag", "value", "quality"]
 
-    source.export(tmp_path / "w.csv", "P-102", start=START, end=end, resolution="1h", layout="wide", quality="all")
+    source.export(tmp_path / "w.csv", source.plan("P-102", start=START, end=end, resolution="1h", quality="all"),
+                  layout="wide")
     wide = pd.read_csv(tmp_path / "w.csv")
     assert len(wide) == 24
+    nothing = source.export(tmp_path / "none.parquet", source.plan("P-102", start="2020-01-01", end="2020-01-02"))
+    assert nothing.rows == 0
+    assert list(pd.read_parquet(tmp_path / "none.parquet").columns) == ["time", "asset", "tag", "value", "quality"]
     assert "value:P-102/vibration_rms" in wide.columns and "quality:P-102/flow" in wide.columns
 
 

@@ -209,17 +209,19 @@ def export(
     try:
         source = connect(config_path)
         started = time.monotonic()
-        result = source.export(
-            out_path, list(assets) or None, list(tags) or None, start=start, end=end, days=days,
+        plan = source.plan(
+            list(assets) or None, list(tags) or None, start=start, end=end, days=days,
             resolution=resolution,  # type: ignore[arg-type]
             quality=quality,  # type: ignore[arg-type]
-            layout="wide" if wide else "long", tz=tz,
+            tz=tz,
+        )
+        result = source.export(
+            out_path, plan, layout="wide" if wide else "long",
             file_format=file_format,  # type: ignore[arg-type]
             progress=sys.stderr.isatty(),
         )
     except (ConfigError, SiteFileError, HistorianError, ParquetUnavailableError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    plan = result.plan
     click.echo(
         f"{result.rows:,} rows ({len(plan.series)} tags, {plan.resolution}, {plan.start:%Y-%m-%d %H:%M} to "
         f"{plan.end:%Y-%m-%d %H:%M} UTC) -> {out_path} ({result.format}) in {time.monotonic() - started:.1f} s"

@@ -131,6 +131,7 @@ class ReadPlan:
     resolution: Resolution
     quality: QualityMode
     windows: tuple[Window, ...]
+    tz: str = "UTC"  # of the returned times
 
     @property
     def columns(self) -> list[str]:
@@ -215,20 +216,19 @@ class DataSource:
             window_s = max(step_s, window_s // step_s * step_s)
         return ReadPlan(
             self.site.site, series, start_utc, end_utc, resolution, quality,
-            _windows(start_utc, end_utc, pd.Timedelta(seconds=window_s), resolution),
+            _windows(start_utc, end_utc, pd.Timedelta(seconds=window_s), resolution), tz,
         )
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def iter_frames(
-        self, plan: ReadPlan, *, tz: str = "UTC", progress: Callable[[int], None] | None = None
-    ) -> Iterator[pd.DataFrame]:
-        """One long DataFrame per window of ``plan`` (same columns and dtypes every time)."""
+    def iter_frames(self, plan: ReadPlan, *, progress: Callable[[int], None] | None = None) -> Iterator[pd.DataFrame]:
+        """One long DataFrame per window of ``plan`` (same columns and dtypes every time, times in
+        the plan's time zone)."""
         reader = HistorianReader.from_config(self.historian)
         try:
             for window in plan.windows:
                 frame = _read_window(reader, plan, window)
-                frame["time"] = frame["time"].dt.tz_convert(tz)
+                frame["time"] = frame["time"].dt.tz_convert(plan.tz)
                 if progress is not None:
                     progress(1)
                 yield frame
@@ -265,9 +265,9 @@ class DataSource:
             chunk_rows=chunk_rows,
         )
         with _read_bar(plan, progress) as advance:
-            frames = list(self.iter_frames(plan, tz=tz, progress=advance))
+            frames = list(self.iter_frames(plan, progress=advance))
         long = pd.concat(frames, ignore_index=True) if frames else _empty(plan)
-        out = widen(long, plan, tz) if layout == "wide" else long
+        out = widen(long, plan) if layout == "wide" else long
         out.attrs.update(
             resolution=plan.resolution, start=plan.start.isoformat(), end=plan.end.isoformat(),
             quality=plan.quality, site=plan.site,
@@ -277,38 +277,30 @@ class DataSource:
     def export(
         self,
         path: str | Path,
-        assets: str | Sequence[str] | None = None,
-        tags: str | Sequence[str] | None = None,
+        plan: ReadPlan,
         *,
-        start: TimeArg | None = None,
-        end: TimeArg | None = None,
-        days: float | None = None,
-        resolution: Resolution | Literal["auto"] = "auto",
-        quality: QualityMode = "good",
         layout: Layout = "long",
-        tz: str = "UTC",
         file_format: Literal["parquet", "csv"] | None = None,
         progress: bool | None = None,
-        chunk_rows: int = 500_000,
     ) -> ExportResult:
-        """Write what `load` would return to Parquet or CSV, one window at a time (bounded memory).
-        The format follows the suffix (``.parquet``/``.csv``) unless ``file_format`` says."""
+        """Write what `load` would return for ``plan`` (`plan` takes the same selection) to Parquet or
+        CSV, one window at a time, so memory stays bounded. The format follows the suffix
+        (``.parquet``/``.csv``) unless ``file_format`` says.
+
+            fl.export("p102.parquet", fl.plan("P-102", days=90, resolution="raw"))
+        """
         path = Path(path)
         fmt = file_format or ("parquet" if path.suffix.lower() in (".parquet", ".pq") else "csv")
-        plan = self.plan(
-            assets, tags, start=start, end=end, days=days, resolution=resolution, quality=quality, tz=tz,
-            chunk_rows=chunk_rows,
-        )
         sink: _Sink = _ParquetSink(path) if fmt == "parquet" else _CsvSink(path)
         rows = 0
         try:
             with _read_bar(plan, progress) as advance:
-                for frame in self.iter_frames(plan, tz=tz, progress=advance):
-                    out = widen(frame, plan, tz) if layout == "wide" else frame
+                for frame in self.iter_frames(plan, progress=advance):
+                    out = widen(frame, plan) if layout == "wide" else frame
                     sink.write(out.reset_index() if layout == "wide" else out)
                     rows += len(out)
             if rows == 0:
-                empty = widen(_empty(plan), plan, tz) if layout == "wide" else _empty(plan)
+                empty = widen(_empty(plan), plan) if layout == "wide" else _empty(plan)
                 sink.write(empty.reset_index() if layout == "wide" else empty)
         finally:
             sink.close()
@@ -509,7 +501,10 @@ def _aggregate_raw(reader: HistorianReader, plan: ReadPlan, window: Window) -> p
 
 
 def _empty(plan: ReadPlan) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype="float64") for c in plan.columns})
+    """No rows, with the plan's columns and dtypes."""
+    frame = _typed(pd.DataFrame({c: pd.Series(dtype="float64") for c in plan.columns}), plan)
+    frame["time"] = frame["time"].dt.tz_convert(plan.tz)
+    return frame
 
 
 def _typed(frame: pd.DataFrame, plan: ReadPlan) -> pd.DataFrame:
@@ -527,14 +522,14 @@ def _typed(frame: pd.DataFrame, plan: ReadPlan) -> pd.DataFrame:
     return out.sort_values(["time", "asset", "tag"], ignore_index=True)
 
 
-def widen(long: pd.DataFrame, plan: ReadPlan, tz: str | None = None) -> pd.DataFrame:
+def widen(long: pd.DataFrame, plan: ReadPlan) -> pd.DataFrame:
     """Long rows to one column per (asset, tag): values only, or (field, asset, tag) with quality."""
     fields = ["value"] if plan.quality == "good" else ["value", "quality"]
     columns = pd.MultiIndex.from_tuples(
         [(f, a, t) for f in fields for a, t in plan.series], names=["field", "asset", "tag"]
     )
     if long.empty:
-        index = pd.DatetimeIndex([], tz=tz or "UTC", name="time")
+        index = pd.DatetimeIndex([], tz=plan.tz, name="time")
         wide = pd.DataFrame(index=index, columns=columns, dtype="float64")
     else:
         wide = long.pivot_table(index="time", columns=["asset", "tag"], values=fields, aggfunc="last")
