@@ -258,3 +258,21 @@ def test_export_command_and_its_messages(source: DataSource, tmp_path: Path) -> 
                              capture_output=True, text=True)
     assert nowhere.returncode == 1
     assert "no Flowline config: set FLOWLINE_CONFIG" in nowhere.stderr and "Traceback" not in nowhere.stderr
+
+
+def test_a_stopped_demo_stack_is_named_with_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowline.historian.errors import HistorianUnavailableError
+    from flowline.services import free_port
+
+    monkeypatch.delenv("FLOWLINE_CONFIG", raising=False)
+    demo = tmp_path / ".flowline-demo"
+    demo.mkdir()
+    config = {"site_file": str(EXAMPLE_SITE), "historian": {"url": f"http://127.0.0.1:{free_port()}"}}
+    (demo / "flowline.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HistorianUnavailableError, match=r"is the demo stack up\? 'flowline stack status --workdir "):
+        connect().load("P-102", days=1)
+    done = subprocess.run([sys.executable, "-m", "flowline", "export", "--asset", "P-102", "--out", "x.csv"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1 and "start it with 'scripts/demo --keep'" in done.stderr
+    assert "Traceback" not in done.stderr
