@@ -26,12 +26,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
 
+from flowline.core.points import Quality, telemetry_point
 from flowline.historian.connection import Connection
 from flowline.historian.writer import HistorianWriter
 from flowline.inventory import load_site
-from flowline.points import Quality, telemetry_point
-from flowline.services import InfluxDServer
-from flowline.sim.plant import Plant
+from flowline.lab.services import InfluxDServer
+from flowline.lab.sim.plant import Plant
 
 SITE_FILE = Path(__file__).resolve().parent.parent / "flowline" / "examples" / "north-field.yaml"
 END = pd.Timestamp("2026-01-15T00:00:00Z")

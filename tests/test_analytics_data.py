@@ -15,12 +15,12 @@ import pytest
 import yaml
 
 from flowline.analytics.data import DataSource, NoStackError, choose_resolution, connect, find_config
+from flowline.core.points import Quality, TagRef, telemetry_point
 from flowline.historian.connection import Connection
 from flowline.historian.rollups import Checkpoint, RollupJob
 from flowline.historian.writer import HistorianWriter
 from flowline.inventory import load_site
-from flowline.points import Quality, TagRef, telemetry_point
-from flowline.services import InfluxDServer
+from flowline.lab.services import InfluxDServer
 from tests.conftest import EXAMPLE_SITE
 
 START = pd.Timestamp("2026-01-10T00:00:00Z")
@@ -230,7 +230,7 @@ def test_export_parquet_and_csv_stream_the_same_rows(source: DataSource, tmp_pat
 def test_export_command_and_its_messages(source: DataSource, tmp_path: Path) -> None:
     assert source.config_path is not None
     env = {**os.environ, "FLOWLINE_CONFIG": str(source.config_path)}
-    base = [sys.executable, "-m", "flowline", "export", "--asset", "P-102", "--start", "2026-01-10",
+    base = [sys.executable, "-m", "flowline.core", "export", "--asset", "P-102", "--start", "2026-01-10",
             "--end", "2026-01-11"]
     done = subprocess.run([*base, "--out", str(tmp_path / "p.parquet")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -241,7 +241,7 @@ def test_export_command_and_its_messages(source: DataSource, tmp_path: Path) -> 
 
     # Without pyarrow: a clear message naming the extra, no traceback.
     blocked = (
-        "import sys; sys.modules['pyarrow'] = None; from flowline.cli import main; "
+        "import sys; sys.modules['pyarrow'] = None; from flowline.core.cli import main; "
         f"main({[*base[3:], '--out', str(tmp_path / 'q.parquet')]!r})"
     )
     missing = subprocess.run([sys.executable, "-c", blocked], env=env, capture_output=True, text=True)
@@ -262,7 +262,7 @@ def test_export_command_and_its_messages(source: DataSource, tmp_path: Path) -> 
 
 def test_a_stopped_demo_stack_is_named_with_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flowline.historian.errors import HistorianUnavailableError
-    from flowline.services import free_port
+    from flowline.lab.services import free_port
 
     monkeypatch.delenv("FLOWLINE_CONFIG", raising=False)
     demo = tmp_path / ".flowline-demo"
@@ -272,7 +272,7 @@ def test_a_stopped_demo_stack_is_named_with_what_to_run(tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(HistorianUnavailableError, match=r"is the demo stack up\? 'flowline stack status --workdir "):
         connect().load("P-102", days=1)
-    done = subprocess.run([sys.executable, "-m", "flowline", "export", "--asset", "P-102", "--out", "x.csv"],
+    done = subprocess.run([sys.executable, "-m", "flowline.core", "export", "--asset", "P-102", "--out", "x.csv"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 1 and "start it with 'scripts/demo --keep'" in done.stderr
     assert "Traceback" not in done.stderr

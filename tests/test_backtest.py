@@ -14,7 +14,7 @@ from flowline.analytics.backtest import read_events, replay, score
 from flowline.analytics.job import series_specs
 from flowline.analytics.rules import Flag
 from flowline.inventory import load_site
-from flowline.sim.plant import Plant
+from flowline.lab.sim.plant import Plant
 from tests.conftest import EXAMPLE_SITE
 
 EPOCH = pd.Timestamp("2026-01-15T00:00:00Z")

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from flowline.collectors.mqtt import MqttCollector
-from flowline.config import FlowlineConfig
-from flowline.pki import CertFiles, CertificateAuthority
-from flowline.services import MosquittoServer, TlsFiles, wait_until
+from flowline.core.config import FlowlineConfig
+from flowline.lab.pki import CertFiles, CertificateAuthority
+from flowline.lab.services import MosquittoServer, TlsFiles, wait_until
 from tests.collectors_helpers import publisher, telemetry, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 from tests.test_collector_mqtt import _mqtt_section, _values

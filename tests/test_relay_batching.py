@@ -7,15 +7,16 @@ from pathlib import Path
 
 import orjson
 
-from flowline.config import load_config
-from flowline.pki import CertificateAuthority
-from flowline.points import Point
-from flowline.relay.batching import BatchBuilder, SequenceJournal
+from flowline.core.backoff import Backoff
+from flowline.core.config import load_config
+from flowline.core.points import Point
+from flowline.core.spool import SpoolReader, SpoolWriter, encode_points
+from flowline.lab.pki import CertificateAuthority
 from flowline.relay.body import body_lines, decode_body, encode_body
-from flowline.relay.diode import _HEARTBEAT, KIND_HEARTBEAT, MAGIC, VERSION, DiodeReceiver, encode_shares
+from flowline.relay.diode_wire import HEARTBEAT, KIND_HEARTBEAT, MAGIC, VERSION, encode_shares
+from flowline.relay.dmz.diode_receive import DiodeReceiver
 from flowline.relay.frames import FrameType, encode_frame
-from flowline.relay.sender import Backoff
-from flowline.spool import SpoolReader, SpoolWriter, encode_points
+from flowline.relay.ot.batching import BatchBuilder, SequenceJournal
 from tests.relay_helpers import RelayRig, points
 
 
@@ -104,7 +105,7 @@ def test_diode_accounts_whole_and_partial_losses_exactly(tmp_path: Path, pki: Ce
             shares = encode_shares(1, seq, sent, n, frame, chunk=200, k=4, m=6)
             if seq == 11:
                 # a heartbeat announces batch 11, then nothing of it arrives
-                receiver.handle(_HEARTBEAT.pack(MAGIC, VERSION, KIND_HEARTBEAT, 1, 11, sent))
+                receiver.handle(HEARTBEAT.pack(MAGIC, VERSION, KIND_HEARTBEAT, 1, 11, sent))
                 shares = []
             elif seq == 13:
                 shares = shares[:3]  # too few shares of batch 13 to rebuild it
@@ -114,7 +115,7 @@ def test_diode_accounts_whole_and_partial_losses_exactly(tmp_path: Path, pki: Ce
                 receiver.handle(share)
                 receiver.handle(share)  # and every datagram twice: duplicates are ignored
             sent += n
-        receiver.handle(_HEARTBEAT.pack(MAGIC, VERSION, KIND_HEARTBEAT, 1, 16, sent))
+        receiver.handle(HEARTBEAT.pack(MAGIC, VERSION, KIND_HEARTBEAT, 1, 16, sent))
         receiver.account(time.monotonic() + 60)
         assert receiver.lost_points == 250 + 50 + 80
         assert receiver.delivered_points == 100 + 300 + 120

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flowline.stack import STATE_FILE, KeptStack
+from flowline.lab.stack import STATE_FILE, KeptStack
 
 SLEEPER = (
     "import signal, sys, time\n"
@@ -52,7 +52,7 @@ def kept(tmp_path: Path) -> Iterator[tuple[Path, dict[str, subprocess.Popen[byte
 
 
 def _flowline(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flowline", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flowline.core", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120)
 
 
