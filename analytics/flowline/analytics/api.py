@@ -20,10 +20,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from flowline.analytics.assess import Assessment, SeriesSpec, assess_series
+from flowline.analytics.backtest import good_values
 from flowline.analytics.job import not_assessed_note
 from flowline.analytics.rules import AssessmentRules, Flag
 from flowline.core.config import HistorianConfig
-from flowline.core.points import Quality
 from flowline.historian.query import HistorianReader
 from flowline.inventory import Site
 
@@ -67,11 +67,7 @@ def assess(
     end: pd.Timestamp | None = None,
 ) -> Assessment:
     """The job's assessment; a DataFrame with a ``quality`` column is reduced to good values first."""
-    if isinstance(history, pd.DataFrame):
-        if "quality" in history:
-            history = history[history["quality"] == int(Quality.GOOD)]
-        history = history["value"]
-    return assess_series(history, spec, rules, end)
+    return assess_series(good_values(history), spec, rules, end)
 
 
 def _asset_label(a: Assessment, site: Site | None) -> str:

@@ -106,6 +106,12 @@ COMMANDS: dict[str, LazyCommand] = {
         "flowline-plant-analytics",
         "IT",
     ),
+    "export": LazyCommand(
+        "flowline.analytics.cli:export",
+        "Write tags of one or several assets to Parquet or CSV, streamed in chunks.",
+        "flowline-plant-analytics",
+        "IT",
+    ),
     "historian": LazyCommand(
         "flowline.historian.cli:historian",
         "The InfluxDB historian: set-up, rollups, dead letters.",
@@ -117,6 +123,12 @@ COMMANDS: dict[str, LazyCommand] = {
         "OT sender and DMZ gateway (mutual TLS, signed batches), writer, and strict diode mode.",
         "flowline-plant-relay",
         "OT and DMZ",
+    ),
+    "stack": LazyCommand(
+        "flowline.lab.demo:stack",
+        "The demo stack kept running for notebooks and exports: up, status, down.",
+        "flowline-plant-lab",
+        "lab (development and demo)",
     ),
     "status": LazyCommand(
         "flowline.core.status_cli:status",
