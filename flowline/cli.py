@@ -55,6 +55,10 @@ COMMANDS: dict[str, LazyCommand] = {
         "flowline.historian.cli:historian",
         "The InfluxDB historian: set-up, rollups, dead letters.",
     ),
+    "lab": LazyCommand(
+        "flowline.labstack:lab",
+        "A three-zone network lab (namespaces, nftables) running the demo's site, for reviewers and tests.",
+    ),
     "relay": LazyCommand(
         "flowline.relay.cli:relay",
         "OT sender and DMZ gateway (mutual TLS, signed batches), writer, and strict diode mode.",
