@@ -151,10 +151,21 @@ class RelayDmzConfig(_Section):
     max_body_bytes: int = Field(default=256 << 20, gt=0)  # after decompression
     handshake_timeout_s: float = Field(default=10, gt=0)
     idle_timeout_s: float = Field(default=300, gt=0)
+    max_connections: int = Field(default=256, gt=0)  # more are closed at once (counted, audited)
+    max_handshakes_per_source: int = Field(default=16, gt=0)  # TLS handshakes in progress per peer address
+    # Security events: the first per (reason, sender, source) and interval is logged and audited at
+    # once, repeats are counted and written as one line with their count when the interval ends.
+    security_event_interval_s: float = Field(default=60, gt=0)
+    audit_max_bytes: int = Field(default=16 << 20, gt=0)  # audit.jsonl rotates at this size
+    audit_keep_files: int = Field(default=5, ge=1)  # rotated files kept: audit.jsonl.1 .. .N
     # Diode mode (``flowline relay diode-receive``)
     diode_listen_host: str = "0.0.0.0"
     diode_listen_port: int = 7444
     diode_gap_timeout_s: float = Field(default=5, gt=0)  # a block still incomplete after this is lost
+    diode_max_datagram_bytes: int = Field(default=9000, ge=256, le=65507)  # larger ones are refused
+    diode_queue_datagrams: int = Field(default=8192, gt=0)  # between the socket thread and the decoder
+    diode_max_pending_bytes: int = Field(default=256 << 20, gt=0)  # shares of batches not yet rebuilt
+    diode_sessions_per_sender: int = Field(default=2, ge=1)  # a restarted sender opens a new session
 
 
 class HistorianConfig(_Section):
