@@ -14,6 +14,7 @@ still reads only its own config and writes only its own data folder, as on separ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -129,7 +130,12 @@ class LabStack(LocalStack):
             "diode_gap_timeout_s": 3,
         }
         docs = {
-            "ot": {**common, "data_dir": str(self.data_dir), "collectors": combined["collectors"], "relay_ot": relay_ot},
+            "ot": {
+                **common,
+                "data_dir": str(self.data_dir),
+                "collectors": combined["collectors"],
+                "relay_ot": relay_ot,
+            },
             "dmz": {
                 **common,
                 "data_dir": str(self.workdir / "dmz-data"),
@@ -199,10 +205,8 @@ def _netlab(state: dict[str, Any]) -> NetLab:
 
 def _stop_processes(pids: dict[str, int]) -> None:
     for pid in pids.values():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)  # only groups this lab started (recorded at `lab up`)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
         time.sleep(0.2)
@@ -277,7 +281,9 @@ def up_command(workdir: Path, mode: Mode, loss: int, backfill_days: float, seed:
 
 @lab.command("status")
 @WORKDIR
-@click.option("--namespace", "zone", type=click.Choice(["ot", "dmz", "it", "fw"]), help="Print only that namespace's name.")
+@click.option(
+    "--namespace", "zone", type=click.Choice(["ot", "dmz", "it", "fw"]), help="Print only that namespace's name."
+)
 def status_command(workdir: Path, zone: str | None) -> None:
     """Show the lab's namespaces, its processes, the firewall counters and OT's listening sockets.
 

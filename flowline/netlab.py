@@ -22,6 +22,7 @@ a static neighbour entry) and counts it in ``reverse_dropped``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -65,7 +66,9 @@ def check_host() -> None:
     """Raise a `LabError` saying what is missing to build a lab on this machine."""
     if os.geteuid() != 0:
         raise LabError("the network lab creates namespaces and firewall rules: run it as root")
-    missing = [tool for tool, pkg in (("ip", "iproute2"), ("nft", "nftables"), ("ss", "iproute2")) if not shutil.which(tool)]
+    missing = [
+        tool for tool, pkg in (("ip", "iproute2"), ("nft", "nftables"), ("ss", "iproute2")) if not shutil.which(tool)
+    ]
     if missing:
         raise LabError(f"missing {', '.join(missing)}: apt-get install iproute2 nftables")
 
@@ -124,7 +127,9 @@ class Listener:
 class NetLab:
     """One lab: its namespaces, links and rules. `up` builds it (undoing everything on failure), `down` removes it."""
 
-    def __init__(self, prefix: str = "flowline", mode: Mode = "tcp", loss_pct: int = 0, suffix: str | None = None) -> None:
+    def __init__(
+        self, prefix: str = "flowline", mode: Mode = "tcp", loss_pct: int = 0, suffix: str | None = None
+    ) -> None:
         if not 0 <= loss_pct <= 100:
             raise ValueError(f"loss must be 0..100 %, got {loss_pct}")
         self.prefix = prefix
@@ -147,14 +152,16 @@ class NetLab:
         lines += [f"  counter {name} {{ }}" for name in counters]
         lines += [
             "  chain loss {",
-            f"    numgen random mod 100 < {self.loss_pct} counter name \"diode_loss_dropped\" drop",
-            "    counter name \"diode_allowed\" accept",
+            f'    numgen random mod 100 < {self.loss_pct} counter name "diode_loss_dropped" drop',
+            '    counter name "diode_allowed" accept',
             "  }",
             "  chain forward {",
             "    type filter hook forward priority filter; policy drop;",
         ]
         if diode:
-            lines.append(f'    iifname "ot" oifname "dmz" ip saddr {ot} ip daddr {dmz} udp dport {DIODE_PORT} jump loss')
+            lines.append(
+                f'    iifname "ot" oifname "dmz" ip saddr {ot} ip daddr {dmz} udp dport {DIODE_PORT} jump loss'
+            )
         lines += [
             "    ct state established,related accept",
             '    oifname "ot" counter name "into_ot_dropped" drop',
@@ -237,10 +244,8 @@ class NetLab:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = [int(p) for p in _pids(ns)]
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.monotonic() + 10
             while pids and _pids(ns) and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -15,7 +15,6 @@ from flowline.relay.netem import LossyUdpProxy
 from flowline.services import wait_until
 from tests.relay_helpers import RelayRig, dmz_points, points
 
-
 KEY = b"0123456789abcdef" * 2
 KEYS = {"s1": KEY}
 

@@ -90,8 +90,7 @@ class Gateway:
         # The handshake runs on the accepted socket before any byte reaches a stream reader
         # (``StreamWriter.start_tls`` after ``start_server`` races with the ClientHello), and its
         # failure comes back here, where it becomes a security event.
-        self._handshaking[peer[0]] = self._handshaking.get(peer[0], 0) + 1
-        try:
+        try:  # counted in `_accept` already, so a burst of connections cannot overtake the count
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, conn, ssl=self.ssl, ssl_handshake_timeout=self.cfg.handshake_timeout_s
             )
@@ -200,6 +199,7 @@ class Gateway:
                 self.metrics.inc("connections_refused_total")
                 self._record("connection_limit", "unknown", f"connection from {peer[0]} closed: {refuse}", peer[0])
                 continue
+            self._handshaking[peer[0]] = self._handshaking.get(peer[0], 0) + 1
             task = asyncio.create_task(self._handle(conn, peer))
             tasks.add(task)  # keep a reference until the connection ends
             task.add_done_callback(tasks.discard)
