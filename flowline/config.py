@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flowline.analytics.rules import AssessmentRules
 from flowline.inventory import Site, load_site
@@ -88,18 +88,32 @@ class OpcUaCollectorConfig(_Section):
 
 
 class MqttBrokerConfig(_Section):
+    """``tls`` is required: plain MQTT only with ``insecure_plain: true``, said in the config itself."""
+
     host: str = "127.0.0.1"
     port: int = 8883
     tls: TlsClientConfig | None = None
+    insecure_plain: bool = False  # passwords and values in clear text: test brokers only
     username: str | None = None
     password: SecretRef | None = None
     client_id: str = "flowline-collector"
     protocol: Literal["3.1.1", "5"] = "5"
     keepalive_s: int = Field(default=30, gt=0)
 
+    @model_validator(mode="after")
+    def _tls_or_explicitly_plain(self) -> MqttBrokerConfig:
+        if self.tls is None and not self.insecure_plain:
+            raise ValueError(
+                "no tls: MQTT without TLS sends passwords and values in clear text; add tls {ca_file: ...}, "
+                "or 'insecure_plain: true' for a test broker"
+            )
+        if self.tls is not None and self.insecure_plain:
+            raise ValueError("tls and insecure_plain: true contradict each other; remove insecure_plain")
+        return self
+
 
 class MqttCollectorConfig(_Section):
-    broker: MqttBrokerConfig = MqttBrokerConfig()
+    broker: MqttBrokerConfig
     qos: Literal[0, 1, 2] = 1
     clean_start: bool = False
     shared_group: str | None = None
