@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from flowline.inventory.loader import SiteFileError, load_site
+from flowline.inventory.loader import SiteFileError, load_site, site_warnings
 
 
 @click.group()
@@ -18,7 +18,10 @@ def assets() -> None:
 @assets.command()
 @click.argument("site_file", type=click.Path(path_type=Path))
 def check(site_file: Path) -> None:
-    """Validate SITE_FILE and print every problem with its key path (exit 1 if any).
+    """Validate SITE_FILE and print every problem with its key path (exit 1 if any), then warnings.
+
+    Warnings (exit 0): assets or tags that no approved flow lets through the DMZ, and two tags mapped
+    to the same source.
 
     \b
     Example:
@@ -34,6 +37,8 @@ def check(site_file: Path) -> None:
     for _, tag in tags:
         by_source[tag.source.kind] = by_source.get(tag.source.kind, 0) + 1
     sources = ", ".join(f"{n} {k}" for k, n in sorted(by_source.items()))
+    for warning in site_warnings(site):
+        click.echo(f"{site_file}: WARNING: {warning}", err=True)
     click.echo(
         f"{site_file}: OK: site {site.site}, {len(site.assets)} assets, {len(tags)} tags ({sources}), "
         f"{len(site.flows)} approved flows"

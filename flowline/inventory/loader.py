@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from flowline.inventory.model import Site
+from flowline.inventory.model import Site, Tag
 
 
 class SiteFileError(ValueError):
@@ -20,8 +20,7 @@ class SiteFileError(ValueError):
         self.source = source
         self.problems = list(problems)
         super().__init__(
-            f"{source}: {len(self.problems)} problem(s)\n"
-            + "\n".join(f"  {source}: {p}" for p in self.problems)
+            f"{source}: {len(self.problems)} problem(s)\n" + "\n".join(f"  {source}: {p}" for p in self.problems)
         )
 
 
@@ -42,9 +41,7 @@ def parse_site(text: str, source: str = "<site>") -> Site:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise SiteFileError(source, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from exc
     if not isinstance(raw, dict):
-        raise SiteFileError(
-            source, [f"(top level): expected a mapping with 'site' and 'assets', got {_kind(raw)}"]
-        )
+        raise SiteFileError(source, [f"(top level): expected a mapping with 'site' and 'assets', got {_kind(raw)}"])
 
     problems = _structural_problems(raw)
     try:
@@ -77,9 +74,7 @@ def _structural_problems(raw: dict[str, Any]) -> list[str]:
             patterns = flow.get("assets") if isinstance(flow, dict) else None
             for pattern in patterns if isinstance(patterns, list) else []:
                 if isinstance(pattern, str) and not any(fnmatch.fnmatchcase(a, pattern) for a in seen):
-                    problems.append(
-                        f"flows[{index}].assets: pattern {pattern!r} matches no asset of the inventory"
-                    )
+                    problems.append(f"flows[{index}].assets: pattern {pattern!r} matches no asset of the inventory")
     return problems
 
 
@@ -89,8 +84,7 @@ def _semantic_problems(site: Site) -> list[str]:
     for index, asset in enumerate(site.assets):
         if asset.zone is not None and zone_ids and asset.zone not in zone_ids:
             problems.append(
-                f"assets[{index}] ({asset.id}).zone: unknown zone {asset.zone!r}, expected one of "
-                f"{sorted(zone_ids)}"
+                f"assets[{index}] ({asset.id}).zone: unknown zone {asset.zone!r}, expected one of {sorted(zone_ids)}"
             )
     return problems
 
@@ -149,3 +143,44 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict | list):
         return type(value).__name__
     return repr(value)[:60]
+
+
+def _source_key(tag: Tag) -> tuple[str, ...]:
+    source = tag.source
+    if source.opcua is not None:
+        return ("opcua", source.opcua.server, source.opcua.node or f"browse_path {source.opcua.browse_path}")
+    if source.mqtt is not None:
+        return ("mqtt", source.mqtt.topic, source.mqtt.json_key or "")
+    assert source.sparkplug is not None
+    sp = source.sparkplug
+    return ("sparkplug", sp.group, sp.edge_node, sp.device or "", sp.metric)
+
+
+def site_warnings(site: Site) -> list[str]:
+    """What is valid but probably wrong: points no approved flow lets through, one source read twice."""
+    warnings: list[str] = []
+    for index, asset in enumerate(site.assets):
+        blocked = [tag.name for tag in asset.tags if not any(f.allows(asset.id, tag.name) for f in site.flows)]
+        if len(blocked) == len(asset.tags):
+            warnings.append(
+                f"assets[{index}] ({asset.id}): no approved flow lets its points through; the DMZ gateway "
+                "will refuse them all (add the asset to a flow's 'assets', or remove it)"
+            )
+        elif blocked:
+            warnings.append(
+                f"assets[{index}] ({asset.id}): no approved flow lets tags {', '.join(blocked)} through; the "
+                "DMZ gateway will refuse their points"
+            )
+    first: dict[tuple[str, ...], str] = {}
+    for a_index, asset in enumerate(site.assets):
+        for t_index, tag in enumerate(asset.tags):
+            where = f"assets[{a_index}] ({asset.id}).tags[{t_index}] ({tag.name})"
+            key = _source_key(tag)
+            if key in first:
+                warnings.append(
+                    f"{where} and {first[key]} are mapped to the same source ({' '.join(k for k in key if k)}): "
+                    "every value would be stored twice, under two names"
+                )
+            else:
+                first[key] = where
+    return warnings

@@ -32,9 +32,7 @@ class Consequence(_Strict):
 
     def weight(self) -> float:
         """Worst-case consequence on a 0-3 scale, used to rank risk (probability x consequence)."""
-        return max(
-            RATING_WEIGHT[self.safety], RATING_WEIGHT[self.environment], RATING_WEIGHT[self.production]
-        )
+        return max(RATING_WEIGHT[self.safety], RATING_WEIGHT[self.environment], RATING_WEIGHT[self.production])
 
 
 class OpcUaSource(_Strict):
@@ -195,12 +193,7 @@ class Site(_Strict):
 
     def iter_tags(self, kind: str | None = None) -> list[tuple[Asset, Tag]]:
         """All (asset, tag) pairs, optionally only those whose source is ``kind``."""
-        return [
-            (asset, tag)
-            for asset in self.assets
-            for tag in asset.tags
-            if kind is None or tag.source.kind == kind
-        ]
+        return [(asset, tag) for asset in self.assets for tag in asset.tags if kind is None or tag.source.kind == kind]
 
     def is_flow_approved(self, sender: str, asset: str, tag: str) -> bool:
         return any(flow.sender == sender and flow.allows(asset, tag) for flow in self.flows)
