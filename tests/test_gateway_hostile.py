@@ -109,3 +109,38 @@ def test_a_misconfigured_flow_is_one_warning_per_interval(rig: RelayRig, caplog:
         15,
         "the aggregated count",
     )
+
+
+def test_gateway_fails_closed_when_it_cannot_store(tmp_path: Path, pki: CertificateAuthority) -> None:
+    """A full DMZ spool or an unwritable audit trail: no ack, nothing stored, the next good batch passes."""
+    import os
+    import ssl
+
+    from flowline.relay.body import encode_body
+    from flowline.relay.frames import FrameType, encode_frame
+    from tests.relay_helpers import SENDER, points, read_ack, tls_client
+
+    rig = RelayRig(tmp_path, pki)
+    rig.update_dmz(spool={"max_bytes": 200_000, "segment_bytes": 64_000})
+    gw = GatewayThread(rig.dmz)
+    key = rig.key_file.read_text().strip().encode()
+    try:
+        big = encode_body(points(20_000, asset="P-101", step_ns=7_777))
+        with tls_client(rig, rig.client) as sock:
+            sock.sendall(encode_frame(key, FrameType.BATCH, SENDER, 1, 20_000, big, compress_level=0))
+            with pytest.raises((ConnectionError, OSError, ssl.SSLError)):
+                read_ack(sock, key)
+        assert gw.gateway.metrics.counter("spool_full_total", spool="dmz") == 1
+        assert [p for p in dmz_points(rig.dmz) if p.measurement == "telemetry"] == []
+        # The audit trail cannot be written: the batch that needs an audit line is not acknowledged.
+        gw.gateway.acceptor.audit._fh.close()
+        gw.gateway.acceptor.audit._fh = open(os.devnull)  # noqa: SIM115 (read-only: every write fails)
+        mixed = encode_body(points(5, asset="X-900", tag="secret_tag"))
+        with tls_client(rig, rig.client) as sock:
+            sock.sendall(encode_frame(key, FrameType.BATCH, SENDER, 2, 5, mixed))
+            with pytest.raises((ConnectionError, OSError, ssl.SSLError)):
+                read_ack(sock, key)
+        assert gw.gateway.metrics.counter("store_errors_total") == 1
+        assert gw.gateway.acceptor.last_seq.get(SENDER) is None  # batch 2 was not taken
+    finally:
+        gw.close()

@@ -134,6 +134,12 @@ class Gateway:
             log.error("cannot store batch from %s: %s; closing the connection without ack", sender, exc)
             self.metrics.inc("spool_full_total", spool="dmz")
             writer.close()
+        except OSError as exc:
+            # Fail closed: a batch whose spool record, sequence or audit line cannot be written is
+            # not acknowledged; the sender keeps it and retries (a replay if it was stored after all).
+            log.error("cannot store batch from %s: %s; closing the connection without ack", sender, exc)
+            self.metrics.inc("store_errors_total")
+            writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cn: str, where: str) -> None:
         loop = asyncio.get_running_loop()
