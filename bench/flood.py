@@ -27,7 +27,7 @@ from tests.flood_helpers import diode_flood, gateway_flood  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100,000 datagrams, 2,000 connections, 100,000 points")
-    parser.add_argument("--rate", type=float, default=30_000, help="flood datagrams per second")
+    parser.add_argument("--rate", type=float, default=20_000, help="flood datagrams per second")
     args = parser.parse_args()
     datagrams, connections, stream = (100_000, 2_000, 100_000) if args.quick else (1_000_000, 20_000, 500_000)
     with tempfile.TemporaryDirectory(prefix="flowline-bench-") as tmp:
@@ -44,7 +44,7 @@ def main() -> None:
         f"{diode['datagrams_sent']:,} datagrams in {diode['flood_seconds']} s",
         f"{diode['datagrams_absorbed']:,} ({diode['absorbed_per_s']:,}/s)",
         f"{diode['rss_before_mib']} / {diode['rss_peak_mib']} / {diode['rss_after_mib']} MiB",
-        f"{diode['stream_delivered']:,} of {diode['stream_points']:,}",
+        f"{diode['stream_delivered']:,} of {diode['stream_points']:,} ({diode['stream_lost']:,} lost)",
         f"{diode['audit_lines']} lines, {diode['audit_bytes']:,} B",
     )
     table.add_row(

@@ -18,6 +18,7 @@ import contextlib
 import json
 import multiprocessing
 import random
+import re
 import resource
 import socket
 import threading
@@ -106,6 +107,14 @@ def _telemetry_in_dmz(rig: RelayRig) -> int:
     return n
 
 
+LOST = re.compile(r"diode: lost batch \S+ \((\d+) points")
+
+
+def _lost_points(log: Path) -> int:
+    """Points the receiver accounted as lost (its log names every lost range with its count)."""
+    return sum(int(n) for n in LOST.findall(log.read_text(errors="replace")))
+
+
 def _fill(rig: RelayRig, total: int) -> None:
     with rig.ot_spool() as spool:
         for i in range(0, total, 5000):
@@ -144,11 +153,18 @@ def diode_flood(
         flood.start()
         sent, seconds = out.get(timeout=datagrams / rate * 3 + 120)
         flood.join()
-        wait_until(lambda: _telemetry_in_dmz(rig) >= stream_points, 120, "the real stream complete", interval=1)
+        log = rig.root / "diode-receive-0.log"
+        wait_until(
+            lambda: _telemetry_in_dmz(rig) + _lost_points(log) >= stream_points,
+            120,
+            "every point of the real stream delivered or accounted lost",
+            interval=1,
+        )
         time.sleep(3)  # a few aggregation intervals: the repeats' lines are written
         peak = watch.stop()
         after = rss_kib(receiver.pid)
         delivered = _telemetry_in_dmz(rig)
+        lost = _lost_points(log)
     finally:
         rig.stop_all()
     lines, size = _audit(rig)
@@ -163,6 +179,7 @@ def diode_flood(
         "rss_after_mib": round(after / 1024, 1),
         "stream_points": stream_points,
         "stream_delivered": delivered,
+        "stream_lost": lost,
         "audit_lines": len(lines),
         "audit_bytes": size,
     }

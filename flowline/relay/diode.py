@@ -66,6 +66,7 @@ _PREFIX = struct.Struct(">2sBBB")  # magic, version, kind, sender length
 _DATA = struct.Struct(">QQQIIHHBBB")
 # session, next sequence, points sent
 _HEARTBEAT = struct.Struct(">QQQ")
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not in every Python's socket module
 MAX_MARKERS = 4096  # sequence numbers announced ahead of the next one, per session
 
 
@@ -325,7 +326,7 @@ class DiodeReceiver:
         self.acceptor: BatchAcceptor = open_acceptor(config, self.metrics)
         self.reporter = MetricsReporter(self.metrics, self.acceptor.append_points, config.metrics_interval_s)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+        self._size_receive_buffer(32 << 20)
         self.sock.bind((cfg.diode_listen_host, cfg.diode_listen_port))
         self.sock.settimeout(0.1)
         self.lost_points = 0
@@ -339,6 +340,25 @@ class DiodeReceiver:
         self._dirty = False
         self._refusals: dict[tuple[str, str], int] = {}  # (kind, source) -> repeats not yet counted
         self.sessions: dict[int, _Session] = self._load_sessions(self._state_path)
+
+    def _size_receive_buffer(self, wanted: int) -> None:
+        """A large kernel buffer rides out bursts (a diode cannot ask the sender to slow down).
+
+        SO_RCVBUF is capped by net.core.rmem_max (often 208 KiB); SO_RCVBUFFORCE is not, but needs
+        CAP_NET_ADMIN. Say so when neither gets the size.
+        """
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+        got = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports double
+        if got < wanted:
+            log.warning(
+                "diode receive buffer is %d KiB, not %d KiB: raise net.core.rmem_max (sysctl) or run with "
+                "CAP_NET_ADMIN, or bursts and floods will drop datagrams in the kernel",
+                got >> 10,
+                wanted >> 10,
+            )
 
     # --- persisted session state ----------------------------------------------------------------
 
