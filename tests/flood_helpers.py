@@ -99,12 +99,20 @@ def _flood_process(port: int, key: bytes, count: int, rate: float, seed: int, ou
     out.put((sent, time.monotonic() - start))
 
 
-def _telemetry_in_dmz(rig: RelayRig) -> int:
-    n = 0
-    for record in SpoolReader(rig.dmz.spool_dir("dmz")).read(max_records=1_000_000, max_bytes=1 << 40):
-        series, _raw = decode_body(record.payload)
-        n += sum(len(rests) for measurement, _tags, rests in series if measurement == "telemetry")
-    return n
+class DmzCount:
+    """Telemetry points in the DMZ spool, read incrementally: polling must not load the machine under test."""
+
+    def __init__(self, rig: RelayRig) -> None:
+        self.reader = SpoolReader(rig.dmz.spool_dir("dmz"))
+        self.position = self.reader.acked
+        self.points = 0
+
+    def __call__(self) -> int:
+        for record in self.reader.read(after=self.position, max_records=100_000, max_bytes=1 << 40):
+            series, _ = decode_body(record.payload)
+            self.points += sum(len(rests) for measurement, _tags, rests in series if measurement == "telemetry")
+            self.position = record.end
+        return self.points
 
 
 LOST = re.compile(r"diode: lost batch \S+ \((\d+) points")
@@ -154,8 +162,9 @@ def diode_flood(
         sent, seconds = out.get(timeout=datagrams / rate * 3 + 120)
         flood.join()
         log = rig.root / "diode-receive-0.log"
+        count = DmzCount(rig)
         wait_until(
-            lambda: _telemetry_in_dmz(rig) + _lost_points(log) >= stream_points,
+            lambda: count() + _lost_points(log) >= stream_points,
             120,
             "every point of the real stream delivered or accounted lost",
             interval=1,
@@ -163,7 +172,7 @@ def diode_flood(
         time.sleep(3)  # a few aggregation intervals: the repeats' lines are written
         peak = watch.stop()
         after = rss_kib(receiver.pid)
-        delivered = _telemetry_in_dmz(rig)
+        delivered = count()
         lost = _lost_points(log)
     finally:
         rig.stop_all()
@@ -223,13 +232,14 @@ def gateway_flood(root: Path, pki: CertificateAuthority, connections: int, strea
         started = time.monotonic()
         attacker.start()
         rig.start("ot", "--config", str(rig.ot_path))
-        wait_until(lambda: _telemetry_in_dmz(rig) >= stream_points, 120, "the real stream complete", interval=1)
+        count = DmzCount(rig)
+        wait_until(lambda: count() >= stream_points, 120, "the real stream complete", interval=1)
         attacker.join()
         seconds = time.monotonic() - started
         time.sleep(3)
         peak = watch.stop()
         after = rss_kib(gateway.pid)
-        delivered = _telemetry_in_dmz(rig)
+        delivered = count()
     finally:
         stop.set()
         rig.stop_all()

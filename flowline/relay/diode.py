@@ -410,8 +410,10 @@ class DiodeReceiver:
             elif len(self._queue) >= self.cfg.diode_queue_datagrams:
                 self._queue_full += 1
             else:
+                idle = not self._queue
                 self._queue.append((data, peer[0]))
-                self._wake.set()
+                if idle:  # the decoder drains the whole queue once woken: one wake-up per burst
+                    self._wake.set()
 
     def _refuse(self, kind: str, message: str, source: str) -> None:
         """Count a refused datagram: the first per (kind, source) goes to the audit trail's limiter now,
