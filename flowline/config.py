@@ -180,6 +180,9 @@ class RelayDmzConfig(_Section):
     diode_queue_datagrams: int = Field(default=8192, gt=0)  # between the socket thread and the decoder
     diode_max_pending_bytes: int = Field(default=256 << 20, gt=0)  # shares of batches not yet rebuilt
     diode_sessions_per_sender: int = Field(default=2, ge=1)  # a restarted sender opens a new session
+    # Source addresses the diode's datagrams come from (its output side); others are dropped by the
+    # socket thread before any parsing. Empty: any source (authentication still applies to all).
+    diode_allowed_sources: list[str] = []
 
 
 class HistorianConfig(_Section):

@@ -146,3 +146,29 @@ def test_session_state_survives_a_receiver_restart(rig: RelayRig) -> None:
         assert second.delivered_points == 100 and second.sessions[7].next_seq == 6
     finally:
         close(second)
+
+
+def test_datagrams_from_other_sources_are_dropped_before_parsing(rig: RelayRig) -> None:
+    import socket
+    import threading
+
+    from flowline.services import wait_until
+
+    receiver = make_receiver(rig, diode_allowed_sources=["127.0.0.9"])
+    thread = threading.Thread(target=receiver._receive, daemon=True)
+    thread.start()
+    try:
+        port = receiver.sock.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for share in batch(rig, 1, 0, 0, 50) * 20:
+                sock.sendto(share, ("127.0.0.1", port))
+        wait_until(lambda: receiver._foreign == 20 * len(batch(rig, 1, 0, 0, 50)), 10, "every datagram refused")
+        receiver.account()
+        assert receiver.metrics.counter("diode_datagrams_total", kind="foreign_source") == 20 * len(
+            batch(rig, 1, 0, 0, 50)
+        )
+        assert not receiver._queue and receiver.sessions == {} and receiver.delivered_points == 0
+    finally:
+        receiver.stop.set()
+        close(receiver)
+        thread.join(2)

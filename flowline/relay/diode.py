@@ -335,6 +335,7 @@ class DiodeReceiver:
         self._queue: deque[tuple[bytes, str]] = deque()
         self._queue_full = 0  # counted by the socket thread, published by the decoder
         self._oversized = 0
+        self._foreign = 0
         self._wake = threading.Event()
         self._state_path = config.data_dir / "relay-dmz" / "diode-sessions.json"
         self._dirty = False
@@ -398,6 +399,7 @@ class DiodeReceiver:
     # It only copies datagrams into a bounded queue; everything else happens on the decoder's thread.
     def _receive(self) -> None:
         limit = self.cfg.diode_max_datagram_bytes
+        allowed = frozenset(self.cfg.diode_allowed_sources)
         while not self.stop.is_set():
             try:
                 data, peer = self.sock.recvfrom(limit + 1)
@@ -405,7 +407,9 @@ class DiodeReceiver:
                 continue
             except OSError:
                 return
-            if len(data) > limit:
+            if allowed and peer[0] not in allowed:
+                self._foreign += 1  # cheapest refusal there is: not even queued
+            elif len(data) > limit:
                 self._oversized += 1
             elif len(self._queue) >= self.cfg.diode_queue_datagrams:
                 self._queue_full += 1
@@ -636,7 +640,7 @@ class DiodeReceiver:
         self.metrics.set("diode_sessions", len(self.sessions))
         self.metrics.set("diode_pending_bytes", self.pending_bytes)
         self.metrics.set("diode_queue_datagrams", len(self._queue))
-        for kind, attr in (("queue_full", "_queue_full"), ("oversized", "_oversized")):
+        for kind, attr in (("queue_full", "_queue_full"), ("oversized", "_oversized"), ("foreign_source", "_foreign")):
             count = getattr(self, attr)
             if count:
                 setattr(self, attr, 0)  # only this thread resets; the socket thread only increments
