@@ -20,11 +20,11 @@ from rich.table import Table
 
 repo_on_path()
 
-from flowline.pki import CertificateAuthority  # noqa: E402
+from flowline.core.spool import SpoolReader  # noqa: E402
+from flowline.lab.netem import LossyUdpProxy  # noqa: E402
+from flowline.lab.pki import CertificateAuthority  # noqa: E402
+from flowline.lab.services import wait_until  # noqa: E402
 from flowline.relay.body import decode_body  # noqa: E402
-from flowline.relay.netem import LossyUdpProxy  # noqa: E402
-from flowline.services import wait_until  # noqa: E402
-from flowline.spool import SpoolReader  # noqa: E402
 from tests.relay_helpers import RelayRig, points  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from _common import write_results
 from latency import Producer, newest_visible, start_pipeline
 from rich.console import Console
 
-from flowline.services import wait_until
+from flowline.lab.services import wait_until
 
 
 def main() -> None:

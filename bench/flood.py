@@ -20,7 +20,7 @@ from rich.table import Table
 
 repo_on_path()
 
-from flowline.pki import CertificateAuthority  # noqa: E402
+from flowline.lab.pki import CertificateAuthority  # noqa: E402
 from tests.flood_helpers import diode_flood, gateway_flood  # noqa: E402
 
 

@@ -19,9 +19,9 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
 
+from flowline.core.points import Point, TagRef, encode_lines, telemetry_point
 from flowline.historian import Connection, HistorianWriter
-from flowline.points import Point, TagRef, encode_lines, telemetry_point
-from flowline.services import InfluxDServer
+from flowline.lab.services import InfluxDServer
 
 T0 = 1_700_000_000_000_000_000
 

@@ -21,9 +21,9 @@ from rich.table import Table
 
 repo_on_path()
 
-from flowline.pki import CertificateAuthority  # noqa: E402
-from flowline.points import encode_lines  # noqa: E402
-from flowline.services import InfluxDServer, wait_until  # noqa: E402
+from flowline.core.points import encode_lines  # noqa: E402
+from flowline.lab.pki import CertificateAuthority  # noqa: E402
+from flowline.lab.services import InfluxDServer, wait_until  # noqa: E402
 from tests.relay_helpers import RelayRig, points  # noqa: E402
 
 SERIES = 100

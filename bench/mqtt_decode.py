@@ -33,8 +33,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
 
-from flowline.config import load_config
-from flowline.services import MosquittoServer, find_binary, wait_until
+from flowline.core.config import load_config
+from flowline.lab.services import MosquittoServer, find_binary, wait_until
 
 USER, PASSWORD = "bench", "bench-password"
 TAGS = 100

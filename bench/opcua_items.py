@@ -28,9 +28,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
 
-from flowline.config import load_config
-from flowline.services import free_port, port_open, wait_until
-from flowline.spool import SpoolReader, decode_points
+from flowline.core.config import load_config
+from flowline.core.spool import SpoolReader, decode_points
+from flowline.lab.services import free_port, port_open, wait_until
 
 NS_URI = "urn:flowline:bench"
 FOLDER_SIZE = 250

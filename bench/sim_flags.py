@@ -34,10 +34,10 @@ from flowline.analytics.assess import Assessment, SeriesSpec
 from flowline.analytics.job import assess_many, series_specs
 from flowline.analytics.rules import AssessmentRules, Flag
 from flowline.inventory import load_site
-from flowline.sim.plant import Plant
+from flowline.lab.sim.plant import Plant
 
 REPO = Path(__file__).resolve().parent.parent
-SITE_FILE = REPO / "flowline" / "examples" / "north-field.yaml"
+SITE_FILE = REPO / "lab" / "flowline" / "lab" / "examples" / "north-field.yaml"
 EPOCH = pd.Timestamp("2026-01-15T00:00:00Z")
 HISTORY = pd.Timedelta(days=14)
 STEP = pd.Timedelta(minutes=10)

@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
 
 from flowline.inventory import load_site
-from flowline.sim.backfill import backfill, backfill_times
-from flowline.sim.plant import Plant
+from flowline.lab.sim.backfill import backfill, backfill_times
+from flowline.lab.sim.plant import Plant
 
-SITE_FILE = Path(__file__).resolve().parent.parent / "flowline" / "examples" / "north-field.yaml"
+SITE_FILE = Path(__file__).resolve().parent.parent / "lab" / "flowline" / "lab" / "examples" / "north-field.yaml"
 EPOCH_NS = 1_768_435_200 * 10**9  # 2026-01-15T00:00:00Z
 
 

@@ -22,7 +22,8 @@ def main() -> int:
     if state in ("Z", "X"):
         print("unhealthy: main process is a zombie")
         return 1
-    from flowline.config import ConfigError, load_config
+    from flowline.core.errors import ConfigError
+from flowline.core.config import load_config
 
     try:
         config = load_config(os.environ.get("FLOWLINE_CONFIG", "/etc/flowline/flowline.yaml"))

@@ -10,10 +10,10 @@ import pandas as pd
 import yaml
 
 from flowline.analytics.synthetic import HIGH, Kind, make_series
+from flowline.core.points import Quality, TagRef, telemetry_point
 from flowline.historian.connection import Connection
 from flowline.historian.writer import HistorianWriter
-from flowline.points import Quality, TagRef, telemetry_point
-from flowline.services import InfluxDServer
+from flowline.lab.services import InfluxDServer
 
 SITE = "test-field"
 END = pd.Timestamp("2026-01-15T00:00:00Z")

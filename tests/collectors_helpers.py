@@ -9,9 +9,9 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from flowline.config import FlowlineConfig, load_config
-from flowline.points import TELEMETRY, Point
-from flowline.spool import SpoolReader, decode_points
+from flowline.core.config import FlowlineConfig, load_config
+from flowline.core.points import TELEMETRY, Point
+from flowline.core.spool import SpoolReader, decode_points
 
 SITE = "test-site"
 # A tag whose asset and name carry every character line protocol must escape.

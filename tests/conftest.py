@@ -7,6 +7,7 @@ servers are for tests that only read and write (each gets a fresh database or to
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,21 +15,61 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
-from flowline.pki import CertFiles, CertificateAuthority
-from flowline.services import InfluxDServer, ManagedProcess, MosquittoServer, TlsFiles, wait_until
+from flowline.lab.pki import CertFiles, CertificateAuthority
+from flowline.lab.services import InfluxDServer, ManagedProcess, MosquittoServer, TlsFiles, wait_until
 
 if TYPE_CHECKING:
     from flowline.collectors.mqtt import MqttCollector
-    from flowline.config import FlowlineConfig
+    from flowline.core.config import FlowlineConfig
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-EXAMPLE_SITE = REPO / "flowline" / "examples" / "north-field.yaml"
+SCHEMAS_ENV = "FLOWLINE_SCHEMAS_DIR"
+EXAMPLE_SITE = REPO / "lab" / "flowline" / "lab" / "examples" / "north-field.yaml"
 
 MQTT_USER = "flowline"
 MQTT_PASSWORD = "test-" + uuid.uuid4().hex[:8]
 
 T = TypeVar("T", bound=ManagedProcess)
+
+
+def schema_file(name: str) -> Path:
+    """A published third-party schema (Grafana, Compose, InfluxDB OpenAPI) from ``$FLOWLINE_SCHEMAS_DIR``.
+
+    The schemas are not ours to ship: `.ci/run` points the variable at its copy; elsewhere, download
+    the files named in the README's Development section into a folder and set it. Tests that need
+    them carry the ``schemas`` marker, so without the variable they are deselected and reported.
+    """
+    folder = os.environ.get(SCHEMAS_ENV)
+    if not folder:
+        pytest.fail(f"{SCHEMAS_ENV} is not set: point it at the folder holding {name} (see README, Development)")
+    path = Path(folder) / name
+    if not path.is_file():
+        pytest.fail(f"{path} not found: {SCHEMAS_ENV}={folder} must hold {name} (see README, Development)")
+    return path
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k: count only what would otherwise have run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without the schemas, deselect the tests that need them, loudly; in CI their absence is an error."""
+    if os.environ.get(SCHEMAS_ENV) or os.environ.get("CI"):
+        return
+    needs = [item for item in items if item.get_closest_marker("schemas")]
+    if needs:
+        config.hook.pytest_deselected(items=needs)
+        items[:] = [item for item in items if not item.get_closest_marker("schemas")]
+        config.stash[_SCHEMA_DESELECTED] = len(needs)
+
+
+_SCHEMA_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    count = config.stash.get(_SCHEMA_DESELECTED, 0)
+    if count:
+        terminalreporter.write_line(
+            f"NOTE: {count} schema-validation tests did not run: set {SCHEMAS_ENV} (see README, Development)",
+            yellow=True,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -23,22 +23,22 @@ import pandas as pd
 import requests
 
 from flowline.analytics.job import run_pass
-from flowline.config import AnalyticsConfig, FlowlineConfig, HistorianConfig
+from flowline.core.config import AnalyticsConfig, FlowlineConfig, HistorianConfig
+from flowline.core.metrics import Metrics
+from flowline.core.points import Point, TagRef, telemetry_point
+from flowline.core.secrets import SecretRef
+from flowline.core.spool import SpoolWriter
 from flowline.historian.connection import Connection
 from flowline.historian.rollups import Checkpoint, RollupJob
 from flowline.historian.setup import Account, setup_v1
 from flowline.historian.writer import HistorianWriter
 from flowline.inventory import load_site
-from flowline.metrics import Metrics
-from flowline.points import Point, TagRef, telemetry_point
-from flowline.relay.acceptor import BatchAcceptor
+from flowline.lab.services import InfluxDServer
+from flowline.lab.sim.plant import Plant
 from flowline.relay.body import encode_body
-from flowline.relay.forwarder import Forwarder
+from flowline.relay.dmz.acceptor import BatchAcceptor
+from flowline.relay.dmz.writer import Forwarder
 from flowline.relay.frames import FrameType, decode_wire, encode_frame
-from flowline.secrets import SecretRef
-from flowline.services import InfluxDServer
-from flowline.sim.plant import Plant
-from flowline.spool import SpoolWriter
 
 MINUTE_NS = 60 * 10**9
 HISTORY_DAYS = 7
@@ -142,7 +142,7 @@ def _stage_metrics(site: str, now_ns: int) -> list[Point]:
 def _security_events(config: FlowlineConfig) -> None:
     """Security events through the real DMZ path: signed batches into the acceptor, which records
     an unapproved flow and a sequence gap, then the ``relay writer`` forwarder into InfluxDB."""
-    site = config.load_site()
+    site = load_site(config.site_file)
     key = b"dashboard-test-key"
     sender = "ot-north-1"
     acceptor = BatchAcceptor(

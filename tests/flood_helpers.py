@@ -25,11 +25,11 @@ import threading
 import time
 from pathlib import Path
 
-from flowline.pki import CertificateAuthority
+from flowline.core.spool import SpoolReader
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.services import wait_until
 from flowline.relay.body import decode_body
-from flowline.relay.diode import encode_heartbeat, encode_shares
-from flowline.services import wait_until
-from flowline.spool import SpoolReader
+from flowline.relay.diode_wire import encode_heartbeat, encode_shares
 from tests.relay_helpers import SENDER, RelayRig, points
 
 ATTACKER = "127.0.0.2"

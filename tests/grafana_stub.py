@@ -1,7 +1,7 @@
 """A stand-in Grafana HTTP API on a free loopback port, strict about every request it gets.
 
 Each request is checked against Grafana's published Swagger description
-(``../shared/schemas/grafana-http-api.swagger.json``): the path and method must exist, query
+(``grafana-http-api.swagger.json`` from ``$FLOWLINE_SCHEMAS_DIR``): the path and method must exist, query
 parameters must be declared, and the JSON body must validate against the operation's schema AND
 contain no key the schema does not define (the published schemas allow unknown keys; Grafana
 silently ignores them, which hides client bugs). Saved dashboards are also validated against the

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from flowline.labstack import PROBE_SPOOL, LabStack
-from flowline.netlab import NetLab
-from flowline.points import TagRef, telemetry_point
-from flowline.spool import SpoolWriter
-from flowline.stack import StackOptions
+from flowline.core.points import TagRef, telemetry_point
+from flowline.core.spool import SpoolWriter
+from flowline.lab.labstack import PROBE_SPOOL, LabStack
+from flowline.lab.netlab import NetLab
+from flowline.lab.stack import StackOptions
 
 needs_lab = pytest.mark.skipif(
     os.geteuid() != 0 or not (shutil.which("nft") and shutil.which("ip") and shutil.which("ss")),

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from flowline.config import FlowlineConfig, load_config
-from flowline.pki import CertFiles, CertificateAuthority
-from flowline.points import Point, TagRef, telemetry_point
-from flowline.services import InfluxDServer, InfluxUser, free_port, port_open, wait_until
-from flowline.spool import SpoolWriter
+from flowline.core.config import FlowlineConfig, load_config
+from flowline.core.points import Point, TagRef, telemetry_point
+from flowline.core.spool import SpoolWriter
+from flowline.lab.pki import CertFiles, CertificateAuthority
+from flowline.lab.services import InfluxDServer, InfluxUser, free_port, port_open, wait_until
 
 FLOWLINE = str(Path(sys.executable).parent / "flowline")  # the installed entry point
 SENDER = "ot-test-1"
@@ -173,14 +173,14 @@ class RelayRig:
     # --- processes ---------------------------------------------------------------------------------
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115 (child owns it)
         # ``python -m flowline.relay`` skips importing every other command group: much faster restarts.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flowline.relay", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        with open(self.root / f"{args[0]}-{len(self.procs)}.log", "wb") as log:  # the child keeps its copy
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flowline.relay", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         self.procs.append(proc)
         return proc
 
@@ -221,7 +221,7 @@ class GatewayThread:
         import asyncio
         import threading
 
-        from flowline.relay.gateway import Gateway
+        from flowline.relay.dmz.gateway import Gateway
 
         self.gateway = Gateway(config)
         ready = threading.Event()
@@ -262,7 +262,7 @@ def tls_client(rig: RelayRig, cert: CertFiles | None, ca: Path | None = None) ->
 def read_ack(sock: ssl.SSLSocket, key: bytes, sender: str = SENDER) -> int:
     """Sequence number of the next ACK; raises ConnectionError/OSError when the gateway hung up."""
     from flowline.relay.frames import decode_frame, frame_length
-    from flowline.relay.sender import recv_exactly
+    from flowline.relay.ot.sender import recv_exactly
 
     length = frame_length(recv_exactly(sock, 4))
     frame = decode_frame(recv_exactly(sock, length), lambda s: key if s == sender else None)
@@ -290,8 +290,8 @@ def _parse_rest(rest: str) -> tuple[dict[str, object], int]:
 
 def dmz_points(config: FlowlineConfig) -> list[Point]:
     """Everything in the DMZ spool, as points."""
+    from flowline.core.spool import SpoolReader
     from flowline.relay.body import decode_body
-    from flowline.spool import SpoolReader
 
     out: list[Point] = []
     for record in SpoolReader(config.spool_dir("dmz")).read(max_records=1_000_000, max_bytes=1 << 40):

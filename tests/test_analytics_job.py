@@ -9,11 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from flowline.analytics.job import health_point, run_pass
-from flowline.cli import main
-from flowline.config import load_config
+from flowline.core.cli import main
+from flowline.core.config import load_config
 from flowline.historian.connection import Connection
 from flowline.historian.query import HistorianReader
-from flowline.services import InfluxDServer
+from flowline.inventory import load_site
+from flowline.lab.services import InfluxDServer
 from tests.analytics_helpers import END, write_config, write_telemetry
 
 NOW = END + pd.Timedelta(minutes=3)  # floored to the 10-minute step: the assessment time is END
@@ -33,7 +34,7 @@ def loaded(influx: InfluxDServer, influx_db: str, tmp_path: Path) -> Path:
 def test_pass_writes_health_forecast_events_and_is_idempotent(loaded: Path) -> None:
     config = load_config(loaded)
     assert config.historian is not None
-    site = config.load_site()
+    site = load_site(config.site_file)
     first = run_pass(site, config.historian, config.analytics, now=NOW, workers=1)
     assert first.assessed_at == END
     flags = {a.spec.asset: a.flag.name for a in first.assessments}
@@ -74,9 +75,11 @@ def test_dask_local_cluster_equals_local_pool(loaded: Path) -> None:
 
     config = load_config(loaded)
     assert config.historian is not None
-    site = config.load_site()
+    site = load_site(config.site_file)
     local = run_pass(site, config.historian, config.analytics, now=NOW, workers=1)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(  # type: ignore[no-untyped-call]
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
         remote = run_pass(site, config.historian, config.analytics, now=NOW, dask_scheduler=cluster.scheduler_address)
     for a, b in zip(local.assessments, remote.assessments, strict=True):
         assert health_point(a) == health_point(b)
@@ -117,7 +120,7 @@ def test_too_short_history_is_a_reported_failure(influx: InfluxDServer, influx_d
     write_telemetry(influx, influx_db, days=1, end=NOW.floor("10min"))
     config = load_config(write_config(tmp_path, influx, influx_db))
     assert config.historian is not None
-    report = run_pass(config.load_site(), config.historian, config.analytics, now=NOW, workers=1)
+    report = run_pass(load_site(config.site_file), config.historian, config.analytics, now=NOW, workers=1)
     assert report.counts() == {"ok": 0, "failed": 4, "skipped": 0}
     assert all(a.reason.startswith("too short: 24 h of history") for a in report.failures())
 

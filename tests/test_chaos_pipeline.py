@@ -31,10 +31,10 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flowline.inventory import load_site
-from flowline.relay.netem import CuttableTcpProxy
-from flowline.services import wait_until
-from flowline.sim.mqtt_publisher import payload
-from flowline.stack import LocalStack, StackOptions, StageProcess
+from flowline.lab.netem import CuttableTcpProxy
+from flowline.lab.services import wait_until
+from flowline.lab.sim.mqtt_publisher import payload
+from flowline.lab.stack import LocalStack, StackOptions, StageProcess
 
 pytestmark = pytest.mark.slow
 

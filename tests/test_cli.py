@@ -9,7 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from flowline.cli import COMMANDS, main
+from flowline.core.cli import COMMANDS, main
 
 # What the command groups pull in; `flowline --help` must not pay for them.
 HEAVY = ("asyncua", "pandas", "scipy", "statsmodels", "paho", "influxdb_client")
@@ -28,7 +28,7 @@ def test_help_lists_every_command_with_its_one_line_help() -> None:
 def test_help_imports_no_command_module() -> None:
     probe = (
         "import sys\n"
-        "from flowline.cli import main\n"
+        "from flowline.core.cli import main\n"
         "try:\n"
         "    main(['--help'])\n"
         "except SystemExit as exit:\n"

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
 
-from flowline.collectors.common import DeadLetter, SpoolSink
-from flowline.metrics import Metrics
-from flowline.points import Point, TagRef, telemetry_point
-from flowline.services import wait_until
-from flowline.spool import SpoolReader, SpoolWriter, decode_points, encode_points
+from flowline.collectors.common import SpoolSink
+from flowline.core.metrics import Metrics
+from flowline.core.points import Point, TagRef, telemetry_point
+from flowline.core.spool import SpoolReader, SpoolWriter, decode_points, encode_points
+from flowline.lab.services import wait_until
 from tests.conftest import REPO
 
 
@@ -88,20 +87,10 @@ def test_queue_is_bounded_in_points_and_try_submit_drops_loudly(tmp_path: Path) 
     assert sorted(values) == [float(i) for i in range(2000)]  # the refused try_submit batch is not there
 
 
-def test_dead_letter_file_is_bounded_and_rotates(tmp_path: Path) -> None:
-    dead = DeadLetter(tmp_path / "dl.jsonl", max_bytes=2000)
-    for i in range(50):
-        dead.write("invalid_json", f"topic t/{i}", "bad", b"\xff\x00" if i % 2 else b"{oops")
-    assert dead.path.stat().st_size <= 2000
-    assert (tmp_path / "dl.jsonl.1").stat().st_size <= 2000
-    entries = [json.loads(line) for line in dead.path.read_text().splitlines()]
-    assert entries[-1]["where"] == "topic t/49" and entries[-1]["payload_b64"] == "/wA="
-
-
 def test_collectors_sample_config_is_valid() -> None:
-    from flowline.config import load_config
+    from flowline.core.config import load_config
 
-    config = load_config(REPO / "flowline" / "collectors" / "collectors.sample.yaml")
+    config = load_config(REPO / "collectors" / "collectors.sample.yaml")
     assert config.collectors.opcua is not None and config.collectors.mqtt is not None
     assert config.collectors.opcua.servers["default"].security.policy == "Basic256Sha256"
     assert config.collectors.mqtt.qos == 1 and not config.collectors.mqtt.clean_start

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from flowline.collectors.mqtt import MqttCollector
-from flowline.config import FlowlineConfig
-from flowline.pki import CertificateAuthority
-from flowline.points import Quality
-from flowline.services import MosquittoServer, wait_until
+from flowline.core.config import FlowlineConfig
+from flowline.core.points import Quality
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.services import MosquittoServer, wait_until
 from tests.collectors_helpers import (
     ODD_ASSET,
     ODD_TAG,
@@ -229,7 +229,7 @@ def test_ms_timestamps_and_non_finite_helpers() -> None:
 def test_refused_json_says_exactly_why(payload: bytes, reason: str, says: str) -> None:
     from flowline.collectors.common import Rejected
     from flowline.collectors.mqtt_json import TopicTarget, decode_json
-    from flowline.points import TagRef
+    from flowline.core.points import TagRef
 
     with pytest.raises(Rejected) as refused:
         decode_json(payload, [TopicTarget(TagRef("s", "a", "t"), None)], 3600)

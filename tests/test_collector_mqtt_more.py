@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from flowline.collectors.mqtt import MqttCollector
-from flowline.config import FlowlineConfig
-from flowline.pki import CertFiles, CertificateAuthority
-from flowline.services import MosquittoServer, TlsFiles, wait_until
+from flowline.core.config import FlowlineConfig
+from flowline.lab.pki import CertFiles, CertificateAuthority
+from flowline.lab.services import MosquittoServer, TlsFiles, wait_until
 from tests.collectors_helpers import publisher, telemetry, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 from tests.test_collector_mqtt import _mqtt_section, _values
@@ -94,7 +94,7 @@ def test_untrusted_broker_certificate_is_refused_with_a_clear_error(tmp_path: Pa
 
 
 def test_plain_mqtt_is_refused_unless_the_config_says_so(tmp_path: Path) -> None:
-    from flowline.config import ConfigError
+    from flowline.core.errors import ConfigError
 
     section = _mqtt_section(1883)
     del section["mqtt"]["broker"]["insecure_plain"]
@@ -114,12 +114,12 @@ def test_tls_server_name_is_what_the_broker_certificate_is_checked_against(
     import ssl
 
     from flowline.collectors.mqtt_tls import tls_context
-    from flowline.config import TlsClientConfig
+    from flowline.core.config import TlsClientConfig
 
     context = tls_context(TlsClientConfig(ca_file=pki.files.cert, server_name=server_name))
     with socket.create_connection(("127.0.0.1", mosquitto.tls_port), timeout=5) as raw:
         if ok:  # the certificate names localhost and 127.0.0.1: what paho dials is 127.0.0.1
             context.wrap_socket(raw, server_hostname="127.0.0.1").close()
         else:
-            with pytest.raises(ssl.SSLCertVerificationError, match="broker.elsewhere.example"):
+            with pytest.raises(ssl.SSLCertVerificationError, match=r"broker\.elsewhere\.example"):
                 context.wrap_socket(raw, server_hostname="127.0.0.1")

@@ -16,11 +16,11 @@ from asyncua import ua
 
 from flowline.collectors.opcua import OpcUaCollector
 from flowline.collectors.opcua_security import OpcUaSecurityError
-from flowline.config import FlowlineConfig
+from flowline.core.config import FlowlineConfig
+from flowline.core.points import Point, Quality
 from flowline.inventory import load_site
-from flowline.pki import CertificateAuthority
-from flowline.points import Point, Quality
-from flowline.sim.opcua_server import SimOpcUaServer, server_certificate
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.sim.opcua_server import SimOpcUaServer, server_certificate
 from tests.collectors_helpers import telemetry, write_config, write_site
 
 SIM_TAGS: list[dict[str, Any]] = [

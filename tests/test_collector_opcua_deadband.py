@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 from asyncua import ua
+from asyncua.ua.status_codes import StatusCodes
 
 from flowline.collectors.opcua import OpcUaCollector
 from flowline.collectors.opcua_deadband import METRIC, NO_EURANGE
 from flowline.inventory import SiteFileError, load_site
-from flowline.sim.opcua_server import SimOpcUaServer
+from flowline.lab.sim.opcua_server import SimOpcUaServer
 from tests.collectors_helpers import write_config, write_site
 from tests.test_collector_opcua import NONE, _opcua_section, _run, _until
 from tests.test_collector_opcua_more import _seen, _server_filters, _tag
@@ -40,7 +41,7 @@ async def _add_eurange(server: SimOpcUaServer, asset: str, tag: str) -> None:
     """Give a simulator variable the EURange property (HasProperty "0:EURange") an analog item has."""
     assert server._server is not None
     node_id = server.node_id(asset, tag)
-    property_id = ua.NodeId(f"{node_id.Identifier}.EURange", node_id.NamespaceIndex)
+    property_id = ua.NodeId(f"{node_id.Identifier!s}.EURange", node_id.NamespaceIndex)  # type: ignore[arg-type]
     await server._server.get_node(node_id).add_property(
         property_id, ua.QualifiedName("EURange", 0), ua.Range(Low=0.0, High=100.0)
     )
@@ -92,7 +93,8 @@ def _refuse_percent_deadbands(server: SimOpcUaServer, code: int) -> None:
         refuse = [percent(item) for item in params.ItemsToCreate]
         accepted = [item for item, no in zip(params.ItemsToCreate, refuse, strict=True) if not no]
         created = iter(await create(dataclasses.replace(params, ItemsToCreate=accepted)))
-        return [ua.MonitoredItemCreateResult(StatusCode=ua.StatusCode(code)) if no else next(created) for no in refuse]
+        refused = ua.MonitoredItemCreateResult(StatusCode=ua.StatusCode(ua.UInt32(code)))
+        return [refused if no else next(created) for no in refuse]
 
     service.create_monitored_items = strict  # type: ignore[method-assign]
 
@@ -100,9 +102,9 @@ def _refuse_percent_deadbands(server: SimOpcUaServer, code: int) -> None:
 @pytest.mark.parametrize(
     "code",
     [
-        ua.StatusCodes.BadFilterNotAllowed,
-        ua.StatusCodes.BadMonitoredItemFilterUnsupported,
-        ua.StatusCodes.BadDeadbandFilterInvalid,
+        StatusCodes.BadFilterNotAllowed,
+        StatusCodes.BadMonitoredItemFilterUnsupported,
+        StatusCodes.BadDeadbandFilterInvalid,
     ],
 )
 def test_refused_percent_deadband_is_warned_counted_and_monitored_without_it(
@@ -111,7 +113,7 @@ def test_refused_percent_deadband_is_warned_counted_and_monitored_without_it(
     tags: list[dict[str, Any]] = [_tag("pct", deadband_pct=5.0), _tag("abs", deadband_abs=1.0), _tag("plain")]
     site_file = write_site(tmp_path, tags)
     server = SimOpcUaServer(load_site(site_file))
-    name = ua.StatusCode(code).name
+    name = ua.StatusCode(ua.UInt32(code)).name
 
     async def body(collector: OpcUaCollector, spool: Path) -> None:
         session = collector.sessions[0]

@@ -13,10 +13,10 @@ import pytest
 from asyncua import ua
 
 from flowline.collectors.opcua import OpcUaCollector
-from flowline.config import FlowlineConfig
+from flowline.core.config import FlowlineConfig
 from flowline.inventory import load_site
-from flowline.pki import CertificateAuthority
-from flowline.sim.opcua_server import SimOpcUaServer, server_certificate
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.sim.opcua_server import SimOpcUaServer, server_certificate
 from tests.collectors_helpers import write_config, write_site
 from tests.test_collector_opcua import NONE, _opcua_section, _run, _secure, _until, _values
 
@@ -149,7 +149,7 @@ def test_aes128_sha256_rsaoaep_policy(tmp_path: Path, pki: CertificateAuthority,
 _SERVER_PROCESS = """
 import asyncio, sys
 from flowline.inventory import load_site
-from flowline.sim.opcua_server import SimOpcUaServer
+from flowline.lab.sim.opcua_server import SimOpcUaServer
 
 async def main() -> None:
     server = SimOpcUaServer(load_site(sys.argv[1]))

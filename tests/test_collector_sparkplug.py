@@ -38,9 +38,9 @@ from flowline.collectors.sparkplug import (
     TemplateSpec,
     encode_payload,
 )
+from flowline.core.points import Point, Quality
 from flowline.inventory import load_site
-from flowline.points import Point, Quality
-from flowline.services import MosquittoServer, wait_until
+from flowline.lab.services import MosquittoServer, wait_until
 from tests.collectors_helpers import publisher, telemetry, varint, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 

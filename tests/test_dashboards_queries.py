@@ -19,7 +19,7 @@ from flowline.dashboards.export import render_all
 from flowline.historian.connection import Connection
 from flowline.historian.writer import HistorianWriter
 from flowline.inventory import load_site
-from flowline.services import InfluxDServer
+from flowline.lab.services import InfluxDServer
 from tests.conftest import EXAMPLE_SITE
 from tests.dashboard_helpers import InfluxReader, PipelineData, load_pipeline_data, regex_escape
 

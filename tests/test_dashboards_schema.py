@@ -11,21 +11,18 @@ import jsonschema
 import pytest
 from click.testing import CliRunner
 
-from flowline.cli import main
+from flowline.core.cli import main
 from flowline.dashboards.builder import Col, DashboardBuildError, Select, override
 from flowline.dashboards.definitions import RELIABILITY_UID, all_dashboards
 from flowline.dashboards.export import PACKAGED_JSON, dumps, render_all
 from flowline.inventory import load_site
-from tests.conftest import EXAMPLE_SITE, SHARED
-
-SCHEMA = SHARED / "schemas" / "grafana-dashboard.jsonschema.json"
+from tests.conftest import EXAMPLE_SITE, schema_file
 
 
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.Draft7Validator:
-    if not SCHEMA.exists():
-        pytest.fail(f"Grafana dashboard schema missing: expected {SCHEMA} (../shared/schemas relative to the repo)")
-    return jsonschema.Draft7Validator(json.loads(SCHEMA.read_text(encoding="utf-8")))
+    schema = schema_file("grafana-dashboard.jsonschema.json")
+    return jsonschema.Draft7Validator(json.loads(schema.read_text(encoding="utf-8")))
 
 
 def _all_variants() -> list[tuple[str, dict[str, Any]]]:
@@ -34,6 +31,7 @@ def _all_variants() -> list[tuple[str, dict[str, Any]]]:
     return [(f"{n} (generic)", d) for n, d in plain.items()] + [(f"{n} (site)", d) for n, d in with_site.items()]
 
 
+@pytest.mark.schemas
 @pytest.mark.parametrize(("name", "dashboard"), _all_variants(), ids=[n for n, _ in _all_variants()])
 def test_dashboard_validates_against_grafana_schema(
     name: str, dashboard: dict[str, Any], validator: jsonschema.Draft7Validator

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from flowline.analytics.detect import DetectorSettings, score_series
 from flowline.analytics.synthetic import HIGH, make_series
-from flowline.cli import main
+from flowline.core.cli import main
 
 SETTINGS = DetectorSettings(alarm_high=HIGH)
 
@@ -31,7 +31,7 @@ def test_causal_later_rows_do_not_change_earlier_scores() -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_healthy_and_daily_never_degrading(seed: int) -> None:
     for kind in ("healthy", "daily"):
-        s = make_series(kind, seed=seed)  # type: ignore[arg-type]
+        s = make_series(kind, seed=seed)
         out = score_series(s.index, s.to_numpy(), SETTINGS)
         assert (out["flag_level"] < 2).all(), kind
         assert out["score"].between(0, 1).all()

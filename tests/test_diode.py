@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import zfec  # type: ignore[import-untyped]
 
-from flowline.pki import CertificateAuthority
-from flowline.relay.diode import DatagramError, Heartbeat, Share, encode_heartbeat, encode_shares, parse_datagram
-from flowline.relay.netem import LossyUdpProxy
-from flowline.services import wait_until
+from flowline.lab.netem import LossyUdpProxy
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.services import wait_until
+from flowline.relay.diode_wire import DatagramError, Heartbeat, Share, encode_heartbeat, encode_shares, parse_datagram
 from tests.relay_helpers import RelayRig, dmz_points, points
 
 KEY = b"0123456789abcdef" * 2

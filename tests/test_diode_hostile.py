@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from flowline.config import load_config
-from flowline.pki import CertificateAuthority
+from flowline.core.config import load_config
+from flowline.lab.pki import CertificateAuthority
 from flowline.relay.body import encode_body
-from flowline.relay.diode import DiodeReceiver, encode_heartbeat, encode_shares
+from flowline.relay.diode_wire import encode_heartbeat, encode_shares
+from flowline.relay.dmz.diode_receive import DiodeReceiver
 from flowline.relay.frames import FrameType, encode_frame
 from tests.relay_helpers import SENDER, RelayRig, points
 
@@ -152,7 +153,7 @@ def test_datagrams_from_other_sources_are_dropped_before_parsing(rig: RelayRig) 
     import socket
     import threading
 
-    from flowline.services import wait_until
+    from flowline.lab.services import wait_until
 
     receiver = make_receiver(rig, diode_allowed_sources=["127.0.0.9"])
     thread = threading.Thread(target=receiver._receive, daemon=True)

@@ -15,11 +15,10 @@ import jsonschema
 import pytest
 import yaml
 
-from flowline.config import load_config
-from tests.conftest import REPO, SHARED
+from flowline.core.config import load_config
+from tests.conftest import REPO, schema_file
 
 DOCKER = REPO / "docker"
-COMPOSE_SCHEMA = SHARED / "schemas" / "compose-spec.json"
 OT_SERVICES = {"mosquitto", "collector-opcua", "collector-mqtt", "sim"}
 # Which config sections each Flowline service reads (its secrets must be mounted into it).
 SECTIONS = {
@@ -60,10 +59,9 @@ def _mounted(service: dict[str, Any]) -> set[str]:
     return {s if isinstance(s, str) else s.get("target", s["source"]) for s in service.get("secrets", [])}
 
 
+@pytest.mark.schemas
 def test_compose_validates_against_the_compose_spec(compose: dict[str, Any]) -> None:
-    if not COMPOSE_SCHEMA.exists():
-        pytest.fail(f"Compose schema missing: expected {COMPOSE_SCHEMA} (../shared/schemas relative to the repo)")
-    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8")))
+    validator = jsonschema.Draft7Validator(json.loads(schema_file("compose-spec.json").read_text(encoding="utf-8")))
     errors = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in validator.iter_errors(compose)]
     assert errors == []
 
@@ -202,6 +200,22 @@ def test_dockerfile_is_multistage_pinned_non_root_with_healthcheck() -> None:
     assert healthcheck.exists() and "healthcheck.py" in text
 
 
+def test_each_service_runs_its_zones_image_built_from_the_lock(services: dict[str, dict[str, Any]]) -> None:
+    """One image per zone: an OT container carries no IT library (see tests/test_zone_install.py)."""
+    zone_of = {
+        "collector-opcua": "ot", "collector-mqtt": "ot", "ot-sender": "ot", "sim": "lab",
+        "dmz-gateway": "dmz", "writer": "dmz", "rollup": "it", "analytics": "it",
+    }
+    for name, zone in zone_of.items():
+        service = services[name]
+        assert service["build"]["args"]["ZONE"] == zone, name
+        assert f"flowline-{zone}:" in service["image"], name
+    text = (DOCKER / "Dockerfile").read_text(encoding="utf-8")
+    assert 'uv sync --frozen --no-default-groups --no-editable --extra "$ZONE"' in text
+    for folder in ("core", "inventory", "collectors", "relay", "historian", "analytics", "dashboards", "lab"):
+        assert f"COPY {folder} ./{folder}" in text, f"the build context must include {folder}/"
+
+
 def test_grafana_is_provisioned_from_the_packaged_files(
     services: dict[str, dict[str, Any]], compose: dict[str, Any]
 ) -> None:
@@ -212,7 +226,7 @@ def test_grafana_is_provisioned_from_the_packaged_files(
     provider = yaml.safe_load((DOCKER / compose["configs"]["grafana_dashboard_provider"]["file"]).read_text())
     path = provider["providers"][0]["options"]["path"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"] if v.startswith("../")}
-    assert (DOCKER / mounts[path]).resolve() == (REPO / "flowline" / "dashboards" / "json").resolve()
+    assert (DOCKER / mounts[path]).resolve() == (REPO / "dashboards" / "flowline" / "dashboards" / "json").resolve()
     assert grafana["environment"]["GF_SERVER_PROTOCOL"] == "https"
 
 

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from flowline.core.points import Quality
 from flowline.inventory import load_site
-from flowline.points import Quality
-from flowline.sim.mqtt_publisher import MqttPublisher, MqttSettings
-from flowline.sim.opcua_server import SimOpcUaServer
-from flowline.sim.plant import Plant
-from flowline.stack import LocalStack, StackOptions
+from flowline.lab.sim.mqtt_publisher import MqttPublisher, MqttSettings
+from flowline.lab.sim.opcua_server import SimOpcUaServer
+from flowline.lab.sim.plant import Plant
+from flowline.lab.stack import LocalStack, StackOptions
 
 from .conftest import EXAMPLE_SITE
 
@@ -137,7 +137,7 @@ def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Pa
     workdir = tmp_path / "demo"
     command = ["demo", "--duration", "5", "--seed", str(seed), "--workdir", str(workdir), "--backfill-step", "600"]
     result = subprocess.run(
-        [sys.executable, "-m", "flowline", *command],
+        [sys.executable, "-m", "flowline.core", *command],
         capture_output=True,
         text=True,
         timeout=600,

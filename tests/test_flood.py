@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowline.pki import CertificateAuthority
+from flowline.lab.pki import CertificateAuthority
 from tests.flood_helpers import diode_flood, gateway_flood
 
 

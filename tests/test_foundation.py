@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from flowline.config import ConfigError, load_config
-from flowline.metrics import Metrics, MetricsReporter
-from flowline.points import Point
-from flowline.secrets import SecretError, SecretRef
-from flowline.services import InfluxDServer, InfluxUser, MosquittoServer, wait_until
+from flowline.core.config import load_config
+from flowline.core.errors import ConfigError
+from flowline.core.metrics import Metrics, MetricsReporter
+from flowline.core.points import Point
+from flowline.core.secrets import SecretError, SecretRef
+from flowline.lab.services import InfluxDServer, InfluxUser, MosquittoServer, wait_until
 
 from .conftest import EXAMPLE_SITE, MQTT_PASSWORD, MQTT_USER
 

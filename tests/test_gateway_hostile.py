@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flowline.pki import CertificateAuthority
-from flowline.relay.audit import AuditLog
-from flowline.services import wait_until
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.services import wait_until
+from flowline.relay.dmz.audit import AuditLog
 from tests.relay_helpers import GatewayThread, RelayRig, dmz_points
 from tests.test_relay_security import send_good
 

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from flowline.core.points import Point, TagRef, telemetry_point
 from flowline.historian import Connection, DeadLetterFile, HistorianWriter
 from flowline.historian.cli import historian
-from flowline.historian.rollups import NS
-from flowline.points import Point, TagRef, telemetry_point
-from flowline.services import InfluxDServer
+from flowline.historian.tiers import NS
+from flowline.lab.services import InfluxDServer
 
 
 def test_setup_then_rollup_then_dead_letter(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from flowline.core.points import Point, Quality, TagRef, telemetry_point
 from flowline.historian import (
     Connection,
     HistorianAuthError,
@@ -13,8 +14,7 @@ from flowline.historian import (
     HistorianWriter,
 )
 from flowline.historian.query import HistorianReader
-from flowline.points import Point, Quality, TagRef, telemetry_point
-from flowline.services import InfluxDServer, free_port
+from flowline.lab.services import InfluxDServer, free_port
 
 T0 = 1_700_000_040_000_000_000  # on a minute boundary
 MIN = 60 * 10**9

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from flowline.config import HistorianConfig
+from flowline.core.config import HistorianConfig
+from flowline.core.points import Point, TagRef, telemetry_point
 from flowline.historian import Connection, HistorianAuthError, HistorianWriter
 from flowline.historian.query import HistorianReader
-from flowline.historian.setup import ROLES, Account, duration_seconds, setup_v1
-from flowline.points import Point, TagRef, telemetry_point
-from flowline.services import InfluxDServer
+from flowline.historian.setup import ROLES, Account, setup_v1
+from flowline.historian.tiers import duration_seconds
+from flowline.lab.services import InfluxDServer
 
 
 @pytest.fixture

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from flowline.config import HistorianConfig
+from flowline.core.config import HistorianConfig
+from flowline.core.metrics import Metrics
+from flowline.core.points import Point, Quality, TagRef, telemetry_point
+from flowline.core.secrets import SecretError, SecretRef
 from flowline.historian import (
     Connection,
     DeadLetterFile,
@@ -22,10 +25,7 @@ from flowline.historian import (
     WriteResult,
 )
 from flowline.historian.query import HistorianReader
-from flowline.metrics import Metrics
-from flowline.points import Point, Quality, TagRef, telemetry_point
-from flowline.secrets import SecretError, SecretRef
-from flowline.services import InfluxDServer, InfluxUser, free_port, wait_until
+from flowline.lab.services import InfluxDServer, InfluxUser, free_port, wait_until
 
 T0 = 1_700_000_000_000_000_000
 
@@ -198,14 +198,6 @@ def test_precision_ms_truncates_timestamps_consistently(influx: InfluxDServer, i
     with pytest.raises(ValueError, match="precision"):
         HistorianWriter(Connection(influx.url), precision="us")  # type: ignore[arg-type]
 
-
-def test_dead_letter_file_is_bounded(tmp_path: Path) -> None:
-    dead = DeadLetterFile(tmp_path / "dead.jsonl", max_bytes=4000)
-    for i in range(200):
-        dead.add(f"m f={i}i {i}", "bad_request", "x" * 50, 400)
-    total = sum(p.stat().st_size for p in (dead.path, dead.rotated_path))
-    assert total <= 4000
-    assert dead.records()[-1]["line"] == "m f=199i 199"
 
 
 class _FlakyFront(http.server.ThreadingHTTPServer):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from flowline.cli import main as flowline
+from flowline.core.cli import main as flowline
 from flowline.inventory import SiteFileError, load_site
 from tests.conftest import EXAMPLE_SITE
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowline.analytics.job import expected_per_hour, inventory_points, opcua_default_interval_ms
-from flowline.config import OpcUaCollectorConfig, OpcUaEndpoint
+from flowline.core.config import OpcUaCollectorConfig, OpcUaEndpoint
 from flowline.inventory import SiteFileError, parse_site
 
 SITE = """

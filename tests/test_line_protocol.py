@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowline.points import LineProtocolError, Point, TagRef, encode_line, encode_lines, telemetry_point
+from flowline.core.points import LineProtocolError, Point, TagRef, encode_line, encode_lines, telemetry_point
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from flowline.core.points import LineProtocolError, Point, encode_line
 from flowline.historian import Connection, HistorianWriter
 from flowline.historian.query import HistorianReader, quote_ident
-from flowline.points import LineProtocolError, Point, encode_line
-from flowline.services import InfluxDServer
+from flowline.lab.services import InfluxDServer
 
 SPECIALS = ",= \"'\\\n\r\t#"
 ALPHABET = st.one_of(

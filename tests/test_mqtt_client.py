@@ -29,8 +29,8 @@ from paho.mqtt.properties import Properties
 
 from flowline.collectors.mqtt import MqttCollector
 from flowline.collectors.mqtt_client import FastClient, Publish, split_publishes
-from flowline.config import FlowlineConfig
-from flowline.services import MosquittoServer, wait_until
+from flowline.core.config import FlowlineConfig
+from flowline.lab.services import MosquittoServer, wait_until
 from tests.collectors_helpers import telemetry, varint, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 
@@ -217,7 +217,7 @@ def test_mixed_qos_large_messages_and_batched_acks_through_mosquitto(
     spool = config.spool_dir("mqtt")
 
     def rpm() -> list[float]:
-        return [p.fields["value"] for p in telemetry(spool) if p.tags["tag"] == "rpm"]
+        return [float(p.fields["value"]) for p in telemetry(spool) if p.tags["tag"] == "rpm"]
 
     wait_until(lambda: len(rpm()) >= 600 and len(telemetry(spool)) >= 600 + 10000, 30, "every message spooled")
     assert sorted(rpm()) == expected  # each exactly once, whatever its QoS

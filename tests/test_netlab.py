@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from flowline.labstack import LabStack
-from flowline.netlab import LabError, NetLab, address
-from flowline.services import wait_until
+from flowline.lab.labstack import LabStack
+from flowline.lab.netlab import LabError, NetLab, address
+from flowline.lab.services import wait_until
 from tests.netlab_helpers import needs_lab, probe_count, running_lab, write_probe
 
 pytestmark = needs_lab
@@ -151,7 +151,7 @@ def test_the_dmz_down_ot_spools_and_loses_nothing(lab: LabStack) -> None:
 def test_lab_cli_up_status_down(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from flowline.labstack import lab as lab_group
+    from flowline.lab.labstack import lab as lab_group
 
     runner = CliRunner()
     status = runner.invoke(lab_group, ["status", "--workdir", str(tmp_path)])

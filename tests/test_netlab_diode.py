@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from flowline.labstack import LabStack
-from flowline.services import wait_until
+from flowline.lab.labstack import LabStack
+from flowline.lab.services import wait_until
 from tests.netlab_helpers import needs_lab, probe_count, running_lab, write_probe
 
 pytestmark = needs_lab

@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flowline.core.points import Quality, telemetry_point
 from flowline.historian.connection import Connection
 from flowline.historian.writer import HistorianWriter
 from flowline.inventory import load_site
-from flowline.points import Quality, telemetry_point
-from flowline.services import InfluxDServer
-from flowline.sim.plant import Plant
+from flowline.lab.services import InfluxDServer
+from flowline.lab.sim.plant import Plant
 from tests.conftest import EXAMPLE_SITE, REPO
 
 NOTEBOOK = REPO / "notebooks" / "degrading-asset.ipynb"
@@ -53,7 +53,7 @@ def test_notebook_runs_and_finds_the_degrading_asset(
         "FLOWLINE_END": end.isoformat(),
     }.items():
         monkeypatch.setenv(key, value)
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(NOTEBOOK, as_version=4)  # type: ignore[no-untyped-call]
     resources = {"metadata": {"path": str(NOTEBOOK.parent)}}
     client = NotebookClient(nb, timeout=120, kernel_name="python3", resources=resources)
     client.execute()

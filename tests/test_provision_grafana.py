@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from flowline.analytics.assess import Assessment, SeriesSpec
 from flowline.analytics.job import event_point
 from flowline.analytics.rules import Flag
-from flowline.cli import main
+from flowline.core.cli import main
 from flowline.dashboards.export import PACKAGED_PROVISIONING, render_all
 from flowline.dashboards.provision import (
     DATASOURCE_UID,
@@ -27,21 +27,18 @@ from flowline.dashboards.provision import (
 )
 from flowline.historian.connection import Connection
 from flowline.historian.writer import HistorianWriter
-from flowline.services import InfluxDServer
-from tests.conftest import SHARED
+from flowline.lab.services import InfluxDServer
+from tests.conftest import schema_file
 from tests.grafana_stub import GrafanaStub, SwaggerContract
 
-SCHEMAS = SHARED / "schemas"
+pytestmark = pytest.mark.schemas
 TOKEN = "glsa_test_token"
 
 
 @pytest.fixture(scope="module")
 def contract() -> SwaggerContract:
-    swagger = SCHEMAS / "grafana-http-api.swagger.json"
-    dashboard = SCHEMAS / "grafana-dashboard.jsonschema.json"
-    if not (swagger.exists() and dashboard.exists()):
-        pytest.fail(f"reference schemas missing: expected {swagger} and {dashboard} (../shared/schemas)")
-    return SwaggerContract(swagger, dashboard)
+    swagger = schema_file("grafana-http-api.swagger.json")
+    return SwaggerContract(swagger, schema_file("grafana-dashboard.jsonschema.json"))
 
 
 @pytest.fixture

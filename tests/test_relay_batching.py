@@ -7,15 +7,16 @@ from pathlib import Path
 
 import orjson
 
-from flowline.config import load_config
-from flowline.pki import CertificateAuthority
-from flowline.points import Point
-from flowline.relay.batching import BatchBuilder, SequenceJournal
+from flowline.core.backoff import Backoff
+from flowline.core.config import load_config
+from flowline.core.points import Point
+from flowline.core.spool import SpoolReader, SpoolWriter, encode_points
+from flowline.lab.pki import CertificateAuthority
 from flowline.relay.body import body_lines, decode_body, encode_body
-from flowline.relay.diode import DiodeReceiver, encode_heartbeat, encode_shares
+from flowline.relay.diode_wire import encode_heartbeat, encode_shares
+from flowline.relay.dmz.diode_receive import DiodeReceiver
 from flowline.relay.frames import FrameType, encode_frame
-from flowline.relay.sender import Backoff
-from flowline.spool import SpoolReader, SpoolWriter, encode_points
+from flowline.relay.ot.batching import BatchBuilder, SequenceJournal
 from tests.relay_helpers import SENDER, RelayRig, points
 
 

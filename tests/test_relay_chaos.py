@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from flowline.pki import CertificateAuthority
-from flowline.relay.netem import CuttableTcpProxy
-from flowline.services import InfluxDServer, wait_until
+from flowline.lab.netem import CuttableTcpProxy
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.services import InfluxDServer, wait_until
 from tests.relay_helpers import RelayRig
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,8 @@ ASSETS = 10
 
 _PRODUCER = r"""
 import sys, time
-from flowline.points import TagRef, telemetry_point
-from flowline.spool import SpoolWriter
+from flowline.core.points import TagRef, telemetry_point
+from flowline.core.spool import SpoolWriter
 folder, i = sys.argv[1], int(sys.argv[2])
 spool = SpoolWriter(folder, segment_bytes=256 << 10)
 while True:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from flowline.pki import CertificateAuthority
+from flowline.core.spool import SpoolReader, SpoolWriter
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.services import InfluxDServer, wait_until
 from flowline.relay.body import encode_body
-from flowline.services import InfluxDServer, wait_until
-from flowline.spool import SpoolReader, SpoolWriter
 from tests.relay_helpers import FLOWLINE, RelayRig, points
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from flowline.pki import CertificateAuthority
+from flowline.lab.pki import CertificateAuthority
+from flowline.lab.services import wait_until
 from flowline.relay.body import encode_body
 from flowline.relay.frames import FrameType, encode_frame
-from flowline.services import wait_until
 from tests.relay_helpers import SENDER, GatewayThread, RelayRig, dmz_points, points, read_ack, tls_client
 
 SEQ = iter(range(1000, 10**6))

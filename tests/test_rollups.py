@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flowline.config import HistorianConfig
+from flowline.core.config import HistorianConfig
+from flowline.core.points import Point, Quality, TagRef, telemetry_point
 from flowline.historian import Connection, HistorianWriter
 from flowline.historian.query import HistorianReader, measurement_ref
-from flowline.historian.rollups import NS, Checkpoint, RollupJob
+from flowline.historian.rollups import Checkpoint, RollupJob
 from flowline.historian.setup import Account, setup_v1
-from flowline.points import Point, Quality, TagRef, telemetry_point
-from flowline.services import InfluxDServer
+from flowline.historian.tiers import NS
+from flowline.lab.services import InfluxDServer
 
 HOUR = 3600 * NS
 

@@ -25,16 +25,16 @@ from asyncua.ua.uaerrors import UaError
 from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
-from flowline.cli import main as flowline
+from flowline.core.cli import main as flowline
+from flowline.core.spool import SpoolReader, SpoolWriter, decode_points
 from flowline.inventory import Site, load_site, parse_site
-from flowline.pki import CertFiles, CertificateAuthority
-from flowline.services import MosquittoServer
-from flowline.sim.backfill import backfill
-from flowline.sim.faults import FAULT_SPECS, NS_PER_DAY
-from flowline.sim.mqtt_publisher import MqttPublisher, MqttPublishError, MqttSettings
-from flowline.sim.opcua_server import OpcUaServerError, SimOpcUaServer, server_certificate
-from flowline.sim.plant import Plant
-from flowline.spool import SpoolReader, SpoolWriter, decode_points
+from flowline.lab.pki import CertFiles, CertificateAuthority
+from flowline.lab.services import MosquittoServer
+from flowline.lab.sim.backfill import backfill
+from flowline.lab.sim.faults import FAULT_SPECS, NS_PER_DAY
+from flowline.lab.sim.mqtt_publisher import MqttPublisher, MqttPublishError, MqttSettings
+from flowline.lab.sim.opcua_server import OpcUaServerError, SimOpcUaServer, server_certificate
+from flowline.lab.sim.plant import Plant
 from tests.conftest import EXAMPLE_SITE, MQTT_PASSWORD, MQTT_USER, REPO
 
 EPOCH = 1_790_000_000 * 10**9  # a fixed "now" (2026-09-21) so the tests do not depend on the clock

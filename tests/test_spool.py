@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from flowline.points import Point
-from flowline.spool import (
+from flowline.core.points import Point
+from flowline.core.spool import (
     Position,
     SpoolError,
     SpoolFullError,
@@ -196,7 +196,7 @@ def test_torn_or_garbage_tail_is_never_replayed(tmp_path: Path, damage: str) -> 
 
 _CHILD = r"""
 import sys
-from flowline.spool import SpoolWriter
+from flowline.core.spool import SpoolWriter
 folder, start = sys.argv[1], int(sys.argv[2])
 writer = SpoolWriter(folder, segment_bytes=64 << 10)
 n = start

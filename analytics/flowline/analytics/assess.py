@@ -1,0 +1,486 @@
+"""Per-series assessment: pandas in, `Assessment` out. Pure: no I/O, no clocks.
+
+Pipeline for one series (see `rules` for the flag rules):
+
+1. Regularise: re-aggregate to ``rules.model_step`` (mean per bin, bins aligned to the assessment
+   time), interpolate gaps inside the history, refuse too short, too gappy or stale series.
+2. Screen cheaply with numpy: daily profile (hour-of-day means of the series detrended by a centred
+   one-cycle moving average, which follows a fault's curved rise), trend over the last
+   ``trend_window_hours`` by OLS with a standard error widened for autocorrelated noise. A series
+   with no trend evidence (|t| < ``screen_t``) whose limits are ``screen_sigmas`` noise sigmas away
+   is settled here with a flat-plus-profile forecast; fitting it could not change its flag, and
+   skipping the fit is what makes a fleet pass fast.
+3. Otherwise fit statsmodels ETS models on the STL-deseasonalised series when the daily seasonal
+   strength is at least ``seasonal_strength`` (the seasonal option): Holt (additive trend), damped
+   additive trend (phi estimated within [``min_damping``, 0.9999], so it cannot flatten at once),
+   and, for a positive series, Holt on the log scale (exponential growth: accelerating wear).
+   Choose by backtest, not by one-step fit: the RMSE of the 1..``validation_hours`` ahead forecasts
+   from each of the last day's origins that have that much data after them. AICc on one-step errors
+   favours models that chase the latest value and then extrapolate a degradation flat. Forecast
+   with the chosen model's own prediction intervals (on the log scale for the log model, so they
+   stay positive), widened when the backtest errors were larger than the model's sd, and add the
+   STL seasonal pattern back.
+4. From the forecast: hours until the mean crosses a limit (extrapolated up to 4 horizons),
+   probability of crossing within the horizon (worst step of the forecast distribution, a lower
+   bound of the path probability), trend per day and its significance, anomaly score of the latest
+   one-step residuals; then health score, flag and risk.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from flowline.analytics.rules import AssessmentRules, Flag, decide_flag, health_score
+from flowline.core.errors import FlowlineError
+
+Result = Literal["ok", "failed", "skipped"]
+_EXTEND = 4  # hours to alarm are extrapolated up to this many horizons
+
+
+class AssessmentError(FlowlineError):
+    """The series cannot be assessed; the message says why (too short, gaps, ...)."""
+
+
+class StaleSeriesError(AssessmentError):
+    """The series has no recent data; reported as skipped rather than failed."""
+
+
+@dataclass(frozen=True)
+class SeriesSpec:
+    """Identity and limits of one assessed series."""
+
+    site: str
+    asset: str
+    tag: str
+    high: float | None = None
+    low: float | None = None
+    consequence_weight: float = 1.0
+    criticality: str = "C"
+    unit: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.site}/{self.asset}/{self.tag}"
+
+
+@dataclass
+class Assessment:
+    spec: SeriesSpec
+    assessed_at: pd.Timestamp
+    result: Result
+    reason: str = ""
+    flag: Flag = Flag.OK
+    health_score: float = 100.0
+    hours_to_alarm: float | None = None
+    p_cross: float = 0.0
+    trend_per_day: float = 0.0
+    trend_significant: bool = False
+    anomaly_score: float = 0.0
+    risk: float = 0.0
+    alarm_limit: float | None = None
+    model: str = ""
+    last_value: float | None = None
+    history: pd.Series | None = field(default=None, repr=False)
+    forecast: pd.DataFrame | None = field(default=None, repr=False)  # yhat, lower, upper
+
+
+@dataclass
+class _Prepared:
+    y: np.ndarray  # regular, gap-filled, model-step values
+    index: pd.DatetimeIndex
+    step_h: float
+
+
+@dataclass
+class _Screen:
+    profile: np.ndarray  # seasonal value per position (len == len(y)), zeros when no season
+    future_profile: np.ndarray  # continuation over the extended horizon
+    strength: float
+    slope: float  # per model step, deseasonalised, over the trend window
+    t: float
+    p_value: float
+    level: float
+    sigma: float
+    r1: float
+    resid: np.ndarray
+
+
+def _as_utc(index: pd.Index) -> pd.DatetimeIndex:
+    idx = pd.DatetimeIndex(index)
+    return idx.tz_localize("UTC") if idx.tz is None else idx.tz_convert("UTC")
+
+
+def default_end(raw: pd.Series, rules: AssessmentRules) -> pd.Timestamp:
+    """The assessment time when the caller gives none: just after the newest value, on the model step."""
+    last = _as_utc(raw.index).max()
+    return (last + pd.Timedelta(1, "ns")).ceil(pd.Timedelta(rules.model_step))
+
+
+def regularise(raw: pd.Series, step: str | pd.Timedelta, end: pd.Timestamp) -> pd.Series:
+    """Mean per ``step`` bin, bins ending exactly at ``end`` (so reruns give identical bins); NaN = gap."""
+    step_td = pd.Timedelta(step)
+    values = pd.Series(pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float), index=_as_utc(raw.index))
+    values = values[np.isfinite(values.to_numpy()) & (values.index < end)]
+    if values.empty:
+        return values
+    binned = values.resample(step_td, origin=end, closed="left", label="left").mean()
+    last_bin = end - step_td
+    full = pd.date_range(binned.index[0], last_bin, freq=step_td)
+    return binned.reindex(full)
+
+
+def _prepare(raw: pd.Series, rules: AssessmentRules, end: pd.Timestamp) -> _Prepared:
+    step = pd.Timedelta(rules.model_step)
+    step_h = step / pd.Timedelta(1, "h")
+    reg = regularise(raw, step, end)
+    valid = reg.notna().to_numpy()
+    if not valid.any():
+        raise StaleSeriesError("no good-quality values in the history window")
+    first, last = int(np.argmax(valid)), len(valid) - 1 - int(np.argmax(valid[::-1]))
+    stale_h = (len(valid) - 1 - last) * step_h
+    if stale_h > rules.max_stale_hours:
+        raise StaleSeriesError(f"no data in the last {stale_h:g} h")
+    reg = reg.iloc[first : last + 1]
+    span_h = len(reg) * step_h
+    if span_h < rules.min_history_hours:
+        raise AssessmentError(f"too short: {span_h:g} h of history, need {rules.min_history_hours:g} h")
+    missing = float(reg.isna().mean())
+    if missing > rules.max_gap_fraction:
+        raise AssessmentError(f"too many gaps: {missing:.0%} of {rules.model_step} steps empty")
+    y = reg.interpolate(method="linear", limit_area="inside").to_numpy(dtype=float)
+    return _Prepared(y=y, index=pd.DatetimeIndex(reg.index), step_h=step_h)
+
+
+def _lag1(x: np.ndarray) -> float:
+    if len(x) < 3:
+        return 0.0
+    d = x - x.mean()
+    den = float(d @ d)
+    return 0.0 if den == 0 else float(np.clip((d[1:] @ d[:-1]) / den, 0.0, 0.95))
+
+
+def _long_run_ratio(x: np.ndarray, lags: int) -> float:
+    d = x - x.mean()
+    g0 = float(d @ d)
+    if g0 == 0:
+        return 1.0
+    lrv = g0 + 2 * sum((1 - k / (lags + 1)) * float(d[k:] @ d[:-k]) for k in range(1, lags + 1))
+    return max(1.0, lrv / g0)
+
+
+def _screen(y: np.ndarray, rules: AssessmentRules, step_h: float, n_future: int) -> _Screen:
+    n = len(y)
+    x = np.arange(n, dtype=float)
+    season = round(rules.season_hours / step_h)
+    profile = np.zeros(n)
+    future_profile = np.zeros(n_future)
+    strength = 0.0
+    if season >= 2 and n >= 2 * season:
+        # Phase counted back from the newest bin so that the profile continues seamlessly.
+        phase = (x[::-1] % season).astype(int)[::-1]
+        # Detrended by a centred one-cycle moving average (classical decomposition): it follows a
+        # fault's curved rise, where a straight line leaves the curvature in the residuals and
+        # hides a strong daily cycle (the trend model then chases the cycle).
+        weights = np.ones(season + 1 - season % 2)
+        weights[[0, -1]] = 0.5 if season % 2 == 0 else 1.0
+        ma = np.convolve(y, weights / weights.sum(), mode="valid")
+        lo = (len(y) - len(ma)) // 2
+        detr = y[lo : lo + len(ma)] - ma
+        ph = phase[lo : lo + len(ma)]
+        means = np.bincount(ph, weights=detr, minlength=season) / np.bincount(ph, minlength=season)
+        means -= means.mean()
+        resid0 = detr - means[ph]
+        var_sr = float(np.var(detr))
+        strength = 0.0 if var_sr == 0 else max(0.0, 1.0 - float(np.var(resid0)) / var_sr)
+        if strength >= rules.seasonal_strength:
+            profile = means[phase]
+            future_phase = (phase[-1] + 1 + np.arange(n_future)) % season
+            future_profile = means[future_phase]
+    adj = y - profile
+    w = adj[-max(3, round(rules.trend_window_hours / step_h)) :]
+    m = len(w)
+    xw = np.arange(m, dtype=float) - (m - 1) / 2
+    sxx = float(xw @ xw)
+    slope = float(xw @ (w - w.mean())) / sxx
+    resid = w - w.mean() - slope * xw
+    # Long-run (Newey-West, Bartlett kernel, one-cycle bandwidth) over short-run variance of the
+    # noise widens the standard error for autocorrelated noise; periodic load swings largely cancel
+    # in it, where an AR(1) correction would wrongly call every trend on them insignificant. The
+    # noise is measured around a quadratic so an accelerating trend is not taken for noise.
+    quad = w - np.polyval(np.polyfit(xw, w, 2), xw)
+    inflation = _long_run_ratio(quad, min(max(1, season), m // 3))
+    r1 = _lag1(quad)
+    sigma = math.sqrt(float(resid @ resid) / max(1, m - 2))
+    n_eff = max(3.0, m / inflation)
+    se = sigma / math.sqrt(sxx) * math.sqrt(m / n_eff)
+    t = 0.0 if se == 0 else slope / se
+    if se == 0 and slope != 0:
+        t = math.copysign(math.inf, slope)
+    p_value = float(2 * stats.t.sf(abs(t), df=n_eff - 2)) if math.isfinite(t) else 0.0
+    level = float(w.mean() + slope * (m - 1) / 2)
+    return _Screen(profile, future_profile, strength, slope, t, p_value, level, sigma, r1, resid)
+
+
+def _anomaly(resid: np.ndarray, k: int, r1: float) -> float:
+    if len(resid) < k + 3:
+        return 0.0
+    sd = float(np.std(resid[:-k])) if len(resid) > 2 * k else float(np.std(resid))
+    if sd == 0:
+        return 0.0
+    inflate = math.sqrt((1 + r1) / (1 - r1))
+    z = float(np.mean(resid[-k:])) / (sd / math.sqrt(k) * inflate)
+    return float(math.erf(abs(z) / math.sqrt(2)))
+
+
+@dataclass
+class _Forecast:
+    """A forecast over the extended horizon. ``centre``/``sd`` are on the model's scale (log for
+    the log model) without the seasonal pattern; ``seasonal`` is added back on the data's scale."""
+
+    model: str
+    centre: np.ndarray
+    sd: np.ndarray
+    seasonal: np.ndarray
+    log: bool = False
+
+    def _to_data(self, x: np.ndarray) -> np.ndarray:
+        scaled: np.ndarray = np.exp(x) if self.log else x
+        out: np.ndarray = scaled + self.seasonal[: len(x)]
+        return out
+
+    def mean(self, n: int | None = None) -> np.ndarray:
+        """Mean (median of the log model) on the data's scale, first ``n`` steps."""
+        return self._to_data(self.centre[:n])
+
+    def band(self, n: int, z: float) -> tuple[np.ndarray, np.ndarray]:
+        c, d = self.centre[:n], self.sd[:n]
+        return self._to_data(c - z * d), self._to_data(c + z * d)
+
+    def p_beyond(self, limit: float, sign: int, n: int) -> float:
+        """Worst-step probability of being beyond ``limit`` (``sign`` +1 above, -1 below)."""
+        threshold = limit - self.seasonal[:n]
+        if self.log:
+            positive = threshold > 0
+            # Positive by construction: a limit at or under zero is always above it, never below.
+            threshold = np.where(positive, np.log(np.where(positive, threshold, 1.0)), -np.inf)
+        sd = np.where(self.sd[:n] > 0, self.sd[:n], np.finfo(float).tiny)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            p = stats.norm.sf(sign * (threshold - self.centre[:n]) / sd)
+        return float(np.max(np.nan_to_num(p, nan=0.0)))
+
+
+@dataclass
+class _Backtest:
+    """Forecasts from each of the last ``origins`` origins with ``hv`` observations after them:
+    what the model would have said a day or two ago, against what happened."""
+
+    rmse: float  # data scale, over 1..hv steps ahead: the model choice criterion
+    errors: np.ndarray  # model scale, origins x hv
+
+    def calibration(self, sd: np.ndarray) -> float:
+        """How much wider the errors were than the model's own h-step sd (at least 1)."""
+        hv = self.errors.shape[1]
+        ratio = float(np.sqrt(np.mean((self.errors / np.maximum(sd[None, :hv], 1e-300)) ** 2)))
+        return max(1.0, ratio) if math.isfinite(ratio) else 1.0
+
+
+def _backtest(states: pd.DataFrame, phi: float, z: np.ndarray, log: bool, hv: int, origins: int) -> _Backtest:
+    # One-step fit criteria (AICc) favour models that chase the latest value; this rewards the
+    # trend that carried on. The parameters are the full fit's, so it is cheap (no refits).
+    level = states["level"].to_numpy(dtype=float)
+    trend = states["trend"].to_numpy(dtype=float)
+    h = np.arange(1, hv + 1)
+    reach = np.cumsum(phi**h) if phi < 1 else h.astype(float)
+    o = np.arange(len(z) - hv - origins, len(z) - hv)
+    pred = level[o, None] + trend[o, None] * reach[None, :]
+    actual = z[o[:, None] + h[None, :]]
+    errors = actual - pred
+    if log:
+        pred, actual = np.exp(np.minimum(pred, 700.0)), np.exp(actual)
+    return _Backtest(float(np.sqrt(np.mean((pred - actual) ** 2))), errors)
+
+
+def _fit(prep: _Prepared, scr: _Screen, rules: AssessmentRules, n_h: int, n_ext: int) -> tuple[_Forecast, np.ndarray]:
+    """Fit the candidates, choose by rolling-origin multi-step error; return the forecast and the
+    chosen model's one-step residuals."""
+    from statsmodels.tsa.exponential_smoothing.ets import ETSModel
+    from statsmodels.tsa.seasonal import STL
+
+    y = prep.y
+    n = len(y)
+    season = round(rules.season_hours / prep.step_h)
+    prefix = ""
+    seasonal = np.zeros(n)
+    future = np.zeros(n_ext)
+    if scr.strength >= rules.seasonal_strength:
+        stl = STL(y, period=season, robust=True).fit()
+        seasonal = np.asarray(stl.seasonal, dtype=float)
+        future = np.resize(seasonal[-season:], n_ext)
+        prefix = "stl+"
+    adj = y - seasonal
+    hv = max(1, min(round(rules.validation_hours / prep.step_h), n // 4))
+    origins = max(1, min(round(rules.season_hours / prep.step_h), n // 4))
+    candidates: list[tuple[str, bool, bool]] = [("holt", False, False), ("damped", True, False)]
+    if float(adj.min()) > 0:
+        # Exponential growth (and power laws, nearly) is a straight line on the log scale: the
+        # accelerating rise of wear that a linear trend extrapolates too slowly.
+        candidates.append(("log-holt", False, True))
+    best: tuple[_Backtest, str, bool, Any] | None = None
+    with warnings.catch_warnings():
+        # Convergence chatter from the optimiser; a poor fit loses on forecast error anyway.
+        warnings.simplefilter("ignore")
+        for name, damped, log in candidates:
+            z = np.log(adj) if log else adj
+            # Damping per model step is bounded near 1: fitted freely on hourly data it flattens a
+            # real drift within a day and pushes the forecast crossing far past the truth.
+            bounds = {"damping_trend": (rules.min_damping, 0.9999)} if damped else None
+            res = ETSModel(pd.Series(z), error="add", trend="add", damped_trend=damped, bounds=bounds).fit(disp=False)
+            if not math.isfinite(res.aicc):
+                continue
+            phi = float(res.params[list(res.param_names).index("damping_trend")]) if damped else 1.0
+            bt = _backtest(res.states, phi, z, log, hv, origins)
+            if math.isfinite(bt.rmse) and (best is None or bt.rmse < best[0].rmse):
+                best = (bt, name, log, res)
+    if best is None:
+        raise AssessmentError("no model converged")
+    bt, name, log, res = best
+    frame = res.get_prediction(start=n, end=n + n_ext - 1).summary_frame(alpha=1 - rules.interval)
+    z_crit = stats.norm.ppf(0.5 + rules.interval / 2)
+    centre = frame["mean"].to_numpy(dtype=float)
+    sd = (frame["pi_upper"].to_numpy(dtype=float) - centre) / z_crit
+    # A misspecified trend (acceleration the model does not have) shows in the backtest errors
+    # before it shows in the model's own intervals: widen them by the measured excess.
+    sd = sd * bt.calibration(sd)
+    resid = np.asarray(res.resid, dtype=np.float64)
+    return _Forecast(prefix + name, centre, sd, future, log), resid
+
+
+def _crossing(
+    spec: SeriesSpec, fc: _Forecast, n_h: int, step_h: float, slope: float
+) -> tuple[float | None, float, float | None, int]:
+    """(alarm limit, p_cross, hours to alarm, direction +1 high / -1 low / 0 none) for the worse side."""
+    sides: list[tuple[float, float, float | None, int]] = []
+    ext = fc.mean()
+    for limit, sign in ((spec.high, 1), (spec.low, -1)):
+        if limit is None:
+            continue
+        p = fc.p_beyond(limit, sign, n_h)
+        hit = np.nonzero(sign * (ext - limit) >= 0)[0]
+        hours = float((hit[0] + 1) * step_h) if len(hit) else None
+        sides.append((p, 1.0 if slope * sign > 0 else 0.0, hours, sign))
+    if not sides:
+        return None, 0.0, None, 0
+    p, _, hours, sign = max(sides, key=lambda s: (round(s[0], 6), s[1]))
+    limit = spec.high if sign == 1 else spec.low
+    return limit, p, hours, sign
+
+
+def assess_series(
+    raw: pd.Series,
+    spec: SeriesSpec,
+    rules: AssessmentRules | None = None,
+    end: pd.Timestamp | None = None,
+    *,
+    screen: bool = True,
+) -> Assessment:
+    """Assess one series (DatetimeIndex, float values, good quality only). Never raises for bad data:
+    a series that cannot be assessed comes back with ``result`` failed/skipped and the ``reason``."""
+    rules = rules or AssessmentRules()
+    end = default_end(raw, rules) if end is None and len(raw) else end
+    if end is None:
+        return Assessment(spec, pd.Timestamp(0, tz="UTC"), "failed", "no data")
+    end = pd.Timestamp(end)
+    end = end.tz_localize("UTC") if end.tzinfo is None else end.tz_convert("UTC")
+    try:
+        return _assess(raw, spec, rules, end, screen)
+    except StaleSeriesError as exc:
+        return Assessment(spec, end, "skipped", str(exc))
+    except (AssessmentError, ValueError, np.linalg.LinAlgError) as exc:
+        return Assessment(
+            spec, end, "failed", f"{type(exc).__name__}: {exc}" if not isinstance(exc, AssessmentError) else str(exc)
+        )
+
+
+def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Timestamp, screen: bool) -> Assessment:
+    prep = _prepare(raw, rules, end)
+    n_h = max(1, math.ceil(rules.horizon_hours / prep.step_h))
+    n_ext = n_h * _EXTEND
+    step = pd.Timedelta(rules.model_step)
+    future_index = pd.date_range(prep.index[-1] + step, periods=n_h, freq=step)
+    history = pd.Series(prep.y, index=prep.index, name=spec.tag)
+    y = prep.y
+    last = float(y[-1])
+    span = float(np.ptp(y))
+    if span <= 1e-12 * max(1.0, abs(last)):
+        out = Assessment(spec, end, "ok", model="constant", last_value=last, history=history)
+        flat = np.full(n_h, last)
+        out.forecast = pd.DataFrame({"yhat": flat, "lower": flat, "upper": flat}, index=future_index)
+        fixed = _Forecast("constant", np.full(n_ext, last), np.zeros(n_ext), np.zeros(n_ext))
+        limit, p, hours, _ = _crossing(spec, fixed, n_h, prep.step_h, 0.0)
+        out.alarm_limit, out.p_cross = limit, p
+        out.hours_to_alarm = 0.0 if hours is not None else None
+        out.flag = Flag.CRITICAL if hours is not None else Flag.OK
+        out.health_score = health_score(rules, p, 0.0, out.hours_to_alarm)
+        out.risk = p * spec.consequence_weight
+        return out
+
+    scr = _screen(y, rules, prep.step_h, n_ext)
+    seasonal_extreme_hi = float(scr.future_profile.max(initial=0.0))
+    seasonal_extreme_lo = float(scr.future_profile.min(initial=0.0))
+    far = all(
+        sign * (limit - (scr.level + (seasonal_extreme_hi if sign == 1 else seasonal_extreme_lo)))
+        > rules.screen_sigmas * scr.sigma
+        for limit, sign in ((spec.high, 1), (spec.low, -1))
+        if limit is not None
+    )
+    anomaly = _anomaly(scr.resid, rules.anomaly_window, scr.r1)
+    if screen and abs(scr.t) < rules.screen_t and far and anomaly < rules.anomaly_watch:
+        sd_flat = scr.sigma * math.sqrt(1 + 1 / max(1, len(scr.resid)))
+        fc = _Forecast("screen", np.full(n_ext, scr.level), np.full(n_ext, sd_flat), scr.future_profile)
+    else:
+        fc, resid = _fit(prep, scr, rules, n_h, n_ext)
+        anomaly = _anomaly(resid, rules.anomaly_window, 0.0)
+
+    limit, p_cross, hours, sign = _crossing(spec, fc, n_h, prep.step_h, scr.slope)
+    beyond = limit is not None and sign * (last - limit) >= 0
+    if beyond:
+        hours = 0.0
+    significant = scr.p_value < rules.significance_p
+    toward = significant and sign != 0 and scr.slope * sign > 0
+    trend_hours = (limit - scr.level) / scr.slope * prep.step_h if toward and limit is not None else None
+    flag = decide_flag(
+        rules,
+        beyond_limit=beyond,
+        p_cross=p_cross,
+        hours_to_alarm=hours,
+        trend_toward_limit=toward,
+        anomaly_score=anomaly,
+        trend_hours_to_alarm=trend_hours,
+    )
+    lower, upper = fc.band(n_h, stats.norm.ppf(0.5 + rules.interval / 2))
+    forecast = pd.DataFrame({"yhat": fc.mean(n_h), "lower": lower, "upper": upper}, index=future_index)
+    return Assessment(
+        spec=spec,
+        assessed_at=end,
+        result="ok",
+        flag=flag,
+        health_score=health_score(rules, p_cross, anomaly, hours),
+        hours_to_alarm=hours,
+        p_cross=round(p_cross, 6),
+        trend_per_day=scr.slope * 24.0 / prep.step_h,
+        trend_significant=significant,
+        anomaly_score=round(anomaly, 6),
+        risk=round(p_cross * spec.consequence_weight, 6),
+        alarm_limit=limit,
+        model=fc.model,
+        last_value=last,
+        history=history,
+        forecast=forecast,
+    )

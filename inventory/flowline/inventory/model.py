@@ -1,0 +1,207 @@
+"""Typed model of the site file (see DESIGN.md, "Site file")."""
+
+from __future__ import annotations
+
+import fnmatch
+from enum import StrEnum
+from functools import cached_property
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flowline.core.points import TagRef
+
+Rating = Literal["none", "low", "medium", "high"]
+RATING_WEIGHT: dict[str, float] = {"none": 0.0, "low": 1.0, "medium": 2.0, "high": 3.0}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Criticality(StrEnum):
+    A = "A"  # safety / environment critical
+    B = "B"  # production critical
+    C = "C"  # other
+
+
+class Consequence(_Strict):
+    safety: Rating = "low"
+    environment: Rating = "low"
+    production: Rating = "low"
+
+    def weight(self) -> float:
+        """Worst-case consequence on a 0-3 scale, used to rank risk (probability x consequence)."""
+        return max(RATING_WEIGHT[self.safety], RATING_WEIGHT[self.environment], RATING_WEIGHT[self.production])
+
+
+class OpcUaSource(_Strict):
+    """An OPC UA variable, by node id or by browse path (re-resolved after a server restart)."""
+
+    node: str | None = None
+    browse_path: str | None = None
+    server: str = "default"
+    sampling_ms: float | None = Field(default=None, gt=0)
+    deadband_abs: float | None = Field(default=None, ge=0)
+    deadband_pct: float | None = Field(default=None, ge=0, le=100)
+    poll: bool = False
+
+    @model_validator(mode="after")
+    def _node_or_path(self) -> OpcUaSource:
+        if self.node is None and self.browse_path is None:
+            raise ValueError("give 'node' or 'browse_path'")
+        return self
+
+    @model_validator(mode="after")
+    def _one_deadband(self) -> OpcUaSource:
+        # A monitored item carries one DataChangeFilter with one deadband type: both cannot apply.
+        if self.deadband_abs is not None and self.deadband_pct is not None:
+            raise ValueError(
+                "give either 'deadband_abs' (engineering units) or 'deadband_pct' (percent of the node's "
+                "EURange), not both"
+            )
+        return self
+
+
+class MqttSource(_Strict):
+    """A plain MQTT topic carrying JSON."""
+
+    topic: str
+    json_key: str | None = None
+
+
+class SparkplugSource(_Strict):
+    """A Sparkplug B metric, addressed by group / edge node / optional device / metric name."""
+
+    group: str
+    edge_node: str
+    device: str | None = None
+    metric: str
+
+
+class Source(_Strict):
+    opcua: OpcUaSource | None = None
+    mqtt: MqttSource | None = None
+    sparkplug: SparkplugSource | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Source:
+        given = [name for name in ("opcua", "mqtt", "sparkplug") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of opcua, mqtt, sparkplug (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        if self.opcua is not None:
+            return "opcua"
+        return "mqtt" if self.mqtt is not None else "sparkplug"
+
+
+class Alarm(_Strict):
+    """Alarm limits in engineering units; ``basis`` names the standard or datasheet behind them."""
+
+    high_high: float | None = None
+    high: float | None = None
+    low: float | None = None
+    low_low: float | None = None
+    basis: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Alarm:
+        if self.high is not None and self.low is not None and self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.high is not None and self.high_high is not None and self.high_high < self.high:
+            raise ValueError(f"high_high ({self.high_high}) must not be below high ({self.high})")
+        if self.low is not None and self.low_low is not None and self.low_low > self.low:
+            raise ValueError(f"low_low ({self.low_low}) must not be above low ({self.low})")
+        return self
+
+
+class Tag(_Strict):
+    name: str = Field(min_length=1)
+    unit: str | None = None
+    description: str | None = None
+    source: Source
+    alarm: Alarm | None = None
+    forecast: bool = False
+    # Normal operating value (datasheet design point): what a healthy signal hovers around.
+    normal: float | None = None
+    # Seconds between the values the source should send, for data completeness. MQTT and Sparkplug
+    # publish at the sender's pace, so only the site file can say; OPC UA defaults to its sampling.
+    expected_interval_s: float | None = Field(default=None, gt=0)
+
+
+class Asset(_Strict):
+    id: str = Field(min_length=1)
+    name: str
+    type: str
+    criticality: Criticality
+    consequence: Consequence = Consequence()
+    zone: str | None = None
+    tags: list[Tag] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_tags(self) -> Asset:
+        seen: set[str] = set()
+        for tag in self.tags:
+            if tag.name in seen:
+                raise ValueError(f"duplicate tag name {tag.name!r} in asset {self.id!r}")
+            seen.add(tag.name)
+        return self
+
+
+class Zone(_Strict):
+    id: str
+    purdue_level: float
+    description: str | None = None
+
+
+class Flow(_Strict):
+    """An approved data flow: what one OT sender may push through the DMZ gateway."""
+
+    sender: str = Field(min_length=1)
+    assets: list[str] = Field(min_length=1)
+    tags: list[str] = ["*"]
+    description: str | None = None
+
+    def allows(self, asset: str, tag: str) -> bool:
+        return any(fnmatch.fnmatchcase(asset, p) for p in self.assets) and any(
+            fnmatch.fnmatchcase(tag, p) for p in self.tags
+        )
+
+
+class Site(_Strict):
+    site: str = Field(min_length=1)
+    description: str | None = None
+    zones: list[Zone] = []
+    assets: list[Asset] = Field(min_length=1)
+    flows: list[Flow] = []
+
+    @cached_property
+    def assets_by_id(self) -> dict[str, Asset]:
+        return {asset.id: asset for asset in self.assets}
+
+    def tag(self, asset_id: str, tag_name: str) -> Tag | None:
+        asset = self.assets_by_id.get(asset_id)
+        if asset is None:
+            return None
+        return next((t for t in asset.tags if t.name == tag_name), None)
+
+    def tag_ref(self, asset: Asset, tag: Tag) -> TagRef:
+        return TagRef(site=self.site, asset=asset.id, tag=tag.name, unit=tag.unit)
+
+    def iter_tags(self, kind: str | None = None) -> list[tuple[Asset, Tag]]:
+        """All (asset, tag) pairs, optionally only those whose source is ``kind``."""
+        return [(asset, tag) for asset in self.assets for tag in asset.tags if kind is None or tag.source.kind == kind]
+
+    def is_flow_approved(self, sender: str, asset: str, tag: str) -> bool:
+        return any(flow.sender == sender and flow.allows(asset, tag) for flow in self.flows)
+
+    def forecast_tags(self) -> list[tuple[Asset, Tag]]:
+        """Tags the analytics job assesses: marked ``forecast``, or alarm-limited on a criticality-A asset."""
+        return [
+            (asset, tag)
+            for asset, tag in self.iter_tags()
+            if tag.forecast or (asset.criticality is Criticality.A and tag.alarm is not None)
+        ]
