@@ -143,7 +143,7 @@ def diode_flood(
     root: Path, pki: CertificateAuthority, datagrams: int, stream_points: int, rate: float
 ) -> dict[str, float]:
     rig = RelayRig(root, pki)
-    rig.update_dmz(security_event_interval_s=2)
+    rig.update_dmz(security_event_interval_s=2, diode_gap_timeout_s=10)
     _fill(rig, stream_points)
     try:
         receiver = rig.start("diode-receive", "--config", str(rig.dmz_path))
@@ -151,7 +151,9 @@ def diode_flood(
         # Paced so that the real stream lasts about as long as the flood: they overlap throughout.
         spool_bytes = sum(f.stat().st_size for f in rig.ot.spool_dir("opcua").iterdir())
         pace = max(50_000.0, spool_bytes * 2 / (datagrams / rate))
-        rig.start("diode-send", "--config", str(rig.write_ot_config("ot-diode.yaml", diode_rate_bytes_s=pace)))
+        # Small batches: each must arrive whole within the receiver's gap timeout at this slow pace.
+        ot = rig.write_ot_config("ot-diode.yaml", diode_rate_bytes_s=pace, batch_max_points=2000)
+        rig.start("diode-send", "--config", str(ot))
         wait_until((rig.root / "dmz" / "relay-dmz" / "sequences.json").exists, 60, "the first real batch stored")
         before = rss_kib(receiver.pid)
         watch = MemoryWatch(receiver.pid)
