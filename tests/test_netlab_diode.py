@@ -54,5 +54,7 @@ def test_stream_is_complete_over_a_one_way_link(diode_lab: LabStack, loss_pct: i
     # Nothing ever reached OT, and there is no TCP path at all in diode mode.
     assert net.rx_packets("ot") == 0
     assert after["relay_allowed"] == 0 and after["into_ot_dropped"] == 0
+    # The diode sender's socket is connected, not listening: OT still listens on loopback only.
+    assert all(s.loopback for s in net.listeners("ot")), net.listeners("ot")
     lost = [line for line in diode_lab.stages["diode-receive"].log_tail(100_000).splitlines() if "lost batch" in line]
     assert lost == [], lost

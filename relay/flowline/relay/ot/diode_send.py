@@ -37,6 +37,9 @@ class DiodeSender:
         self.target = (cfg.diode_host, cfg.diode_port)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        # Connected: the socket takes datagrams from the receiver's address only and is not a
+        # listening socket (``ss -l`` in OT shows none); no packet is ever read from it anyway.
+        self.sock.connect(self.target)
         self.chunk = cfg.diode_datagram_bytes - overhead(cfg.sender_id)
         if self.chunk < 64:
             raise ValueError(f"relay_ot.diode_datagram_bytes leaves {self.chunk} bytes of data per datagram")
@@ -62,7 +65,7 @@ class DiodeSender:
     def _send(self, datagram: bytes) -> None:
         self._pace(len(datagram) + 28)
         try:
-            self.sock.sendto(datagram, self.target)
+            self.sock.send(datagram)
         except OSError as exc:  # e.g. ENOBUFS or no route: the datagram is lost, accounted at the far end
             self.metrics.inc("diode_send_errors_total", error=type(exc).__name__)
 
