@@ -163,6 +163,12 @@ class RelayRig:
         self.dmz_path = self.write_dmz_config()
         return self.tap
 
+    def update_dmz(self, **relay_dmz: object) -> None:
+        """Change keys of the DMZ config's relay_dmz section (before starting what reads it)."""
+        doc = yaml.safe_load(self.dmz_path.read_text())
+        doc["relay_dmz"].update(relay_dmz)
+        self.dmz_path.write_text(yaml.safe_dump(doc))
+
     @property
     def ot(self) -> FlowlineConfig:
         return load_config(self.ot_path)

@@ -66,24 +66,44 @@ def test_compose_validates_against_the_compose_spec(compose: dict[str, Any]) -> 
     assert errors == []
 
 
-def test_zone_networks(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
-    assert compose["networks"]["ot"]["internal"] is True
+ZONES = {
+    "ot": OT_SERVICES | {"ot-sender"},
+    "dmz": {"dmz-gateway", "writer"},
+    "it": {"rollup", "analytics", "influxdb", "grafana"},
+}
+
+
+def test_each_conduit_joins_exactly_the_two_ends_of_one_approved_flow(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    assert set(compose["networks"]) == {"ot", "ot-dmz", "dmz-it", "it"}
+    assert all(compose["networks"][n]["internal"] is True for n in ("ot", "ot-dmz", "dmz-it"))
     members = {name: _networks(s) for name, s in services.items()}
-    assert [n for n, nets in members.items() if {"ot", "dmz"} <= nets] == ["ot-sender"]
-    assert [n for n, nets in members.items() if {"dmz", "it"} <= nets] == ["dmz-gateway"]
-    assert members["ot-sender"] == {"ot", "dmz"} and members["dmz-gateway"] == {"dmz", "it"}
-    assert not any({"ot", "it"} <= nets for nets in members.values())
-    for name in OT_SERVICES:
-        assert members[name] == {"ot"}, name
-    for name in ("writer", "rollup", "analytics", "influxdb", "grafana"):
-        assert members[name] == {"it"}, name
-    assert set(compose["networks"]) == {"ot", "dmz", "it"}
+    on = {net: {n for n, nets in members.items() if net in nets} for net in compose["networks"]}
+    assert on["ot"] == OT_SERVICES
+    assert on["ot-dmz"] == {"ot-sender", "dmz-gateway"}  # the relay: the sender dials the gateway
+    assert on["dmz-it"] == {"writer", "influxdb"}  # the historian: the writer dials InfluxDB
+    assert on["it"] == {"rollup", "analytics", "influxdb", "grafana"}
+    # Nothing is on networks of two zones but InfluxDB, the listening end of its conduit.
+    assert [n for n, nets in members.items() if len(nets) > 1] == ["influxdb"]
+    assert set(ZONES["ot"] | ZONES["dmz"] | ZONES["it"]) == set(services)
+
+
+def test_no_volume_is_shared_across_zones(services: dict[str, dict[str, Any]]) -> None:
+    zone_of = {service: zone for zone, members in ZONES.items() for service in members}
+    users: dict[str, set[str]] = {}
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume["source"]
+            if not source.startswith((".", "/")):  # named volumes; bind mounts are read-only files
+                users.setdefault(source, set()).add(zone_of[name])
+    assert {v: z for v, z in users.items() if len(z) > 1} == {}
+    assert users["dmz-data"] == {"dmz"} and users["ot-data"] == {"ot"}
 
 
 def test_no_ot_or_dmz_service_publishes_a_port(services: dict[str, dict[str, Any]]) -> None:
-    for name, service in services.items():
-        if _networks(service) & {"ot", "dmz"}:
-            assert "ports" not in service and "network_mode" not in service, name
+    for name in ZONES["ot"] | ZONES["dmz"]:
+        assert "ports" not in services[name] and "network_mode" not in services[name], name
     assert [n for n, s in services.items() if "ports" in s] == ["grafana"]
 
 

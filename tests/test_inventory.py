@@ -174,3 +174,28 @@ def test_example_site_production_streams() -> None:
         "crude export": [("P-101", "flow", "m3/h"), ("P-102", "flow", "m3/h")],
         "gas": [("V-201", "gas_flow", "Sm3/h")],
     }
+
+
+def test_assets_check_warns_about_blocked_assets_and_sources_read_twice(tmp_path: Path) -> None:
+    text = (
+        MINIMAL.replace('assets: ["P-*", "K-*"]', 'assets: ["P-*"]\n    tags: [vibration_rms]')
+        .replace("plant/test-site/P-101/bearing_temp", "plant/shared")
+        .replace(
+            "    tags:\n      - name: speed",
+            "    tags:\n      - name: speed2\n        source: {mqtt: {topic: plant/shared}}\n      - name: speed",
+        )
+    )
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(flowline, ["assets", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "WARNING" in line]
+    assert len(warnings) == 3, result.output
+    assert "assets[0] (P-101): no approved flow lets tags bearing_temp through" in warnings[0]
+    assert "assets[1] (K-301): no approved flow lets its points through" in warnings[1]
+    assert (
+        "assets[1] (K-301).tags[0] (speed2) and assets[0] (P-101).tags[1] (bearing_temp) are mapped to the same"
+        " source (mqtt plant/shared)" in warnings[2]
+    )
+    clean = CliRunner().invoke(flowline, ["assets", "check", str(EXAMPLE_SITE)])
+    assert "WARNING" not in clean.output

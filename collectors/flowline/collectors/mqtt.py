@@ -23,7 +23,6 @@ import errno
 import json
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from paho.mqtt.properties import Properties
 from flowline.collectors.common import CollectorRuntime, Rejected
 from flowline.collectors.mqtt_client import FastClient, Publish
 from flowline.collectors.mqtt_json import TopicMap, decode_json
+from flowline.collectors.mqtt_tls import tls_context
 from flowline.collectors.sparkplug import NAMESPACE, RejectedWithRebirth, SparkplugHost, rebirth_payload
 from flowline.core.config import FlowlineConfig, MqttCollectorConfig
 from flowline.core.errors import FlowlineError
@@ -92,13 +92,7 @@ class MqttCollector:
             password = broker.password.read() if broker.password is not None else None
             client.username_pw_set(broker.username, password)
         if broker.tls is not None:
-            client.tls_set(
-                ca_certs=str(broker.tls.ca_file),
-                certfile=str(broker.tls.cert_file) if broker.tls.cert_file else None,
-                keyfile=str(broker.tls.key_file) if broker.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            client.tls_set_context(tls_context(broker.tls))
         client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         if self.cfg.sparkplug_host_id:
             client.will_set(self._state_topic(), self._state_payload(False), qos=1, retain=True)

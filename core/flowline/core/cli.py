@@ -118,6 +118,12 @@ COMMANDS: dict[str, LazyCommand] = {
         "flowline-plant-historian",
         "IT",
     ),
+    "lab": LazyCommand(
+        "flowline.lab.labstack:lab",
+        "A three-zone network lab (namespaces, nftables) running the demo's site, for reviewers and tests.",
+        "flowline-plant-lab",
+        "lab (development and demo)",
+    ),
     "relay": LazyCommand(
         "flowline.relay.cli:relay",
         "OT sender and DMZ gateway (mutual TLS, signed batches), writer, and strict diode mode.",

@@ -155,13 +155,18 @@ class LocalStack:
         admin = Connection(self.influx.url, DATABASE, username=influx_admin.name, password=influx_admin.password)
         accounts = {role: Account(name, self.passwords[f"influx-{role}"]) for role, name in INFLUX_ACCOUNTS.items()}
         setup_v1(admin, HistorianConfig(url=self.influx.url, database=DATABASE), accounts)
-        self.mosquitto = MosquittoServer(
+        self.mosquitto = self.new_mosquitto(
             self.workdir / "mosquitto",
             users={"collector": self.passwords["mqtt-collector"], "sim": self.passwords["mqtt-sim"]},
             acl=["user collector", "topic read #", "topic read $share/#", "user sim", "topic readwrite #"],
             tls=TlsFiles(self.ca.files.cert, self.broker_cert.cert, self.broker_cert.key),
+            plain=False,  # every client here speaks TLS: a plain listener would only be an unused way in
         )
         self.mosquitto.start()
+
+    def new_mosquitto(self, workdir: Path, **options: Any) -> MosquittoServer:
+        """The broker (the network lab runs it inside its OT namespace)."""
+        return MosquittoServer(workdir, **options)
 
     def write_config(self) -> Path:
         assert self.mosquitto is not None
