@@ -22,6 +22,7 @@ from flowline.core.cli import main
 from flowline.core.metrics import Metrics
 from flowline.core.spool import SpoolWriter
 from flowline.core.status import PROCESS_NAMES, ProcessStatus, process_name, read_all, verdict
+from tests.conftest import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"
@@ -241,9 +242,10 @@ def test_one_hardened_notify_unit_per_process() -> None:
     assert health["PrivateNetwork"] == "yes"  # a health check that cannot open a connection anywhere
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_units_pass_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
     """Offline checks by systemd itself: unit syntax and, per service, its exposure score (0 safe - 10)."""
+    if shutil.which("systemd-analyze") is None:
+        unavailable("systemd-analyze not installed (scripts/bootstrap installs it)")
     flowline = shutil.which("flowline", path=str(Path(sys.executable).parent))
     assert flowline is not None
     for path in SYSTEMD.glob("flowline-*"):
@@ -265,7 +267,7 @@ def test_units_pass_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
 def test_systemd_verify_catches_a_broken_unit(tmp_path: Path) -> None:
     """The check above can fail: a misspelt key is reported."""
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed")
+        unavailable("systemd-analyze not installed (scripts/bootstrap installs it)")
     unit = tmp_path / "flowline-broken.service"
     unit.write_text("[Service]\nExecStart=/bin/true\nNoNewPrivilege=yes\n")
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)

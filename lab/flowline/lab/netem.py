@@ -95,7 +95,7 @@ class CuttableTcpProxy:
             while data := src.recv(1 << 16):
                 dst.sendall(data)
         except OSError:
-            pass
+            return  # one side closed or the link was cut: the connection ends, both sockets close below
         finally:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
