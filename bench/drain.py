@@ -46,12 +46,14 @@ def main() -> None:
                 delivered0 = rig.count()
                 backlog = producer.count - delivered0
 
-                # Caught up once what was appended a second ago is queryable: the relay keeps order, so
-                # the backlog before it has landed. (A count over millions of points on every poll
-                # would load InfluxDB more than the drain itself.)
+                # Caught up once everything appended until a second ago is counted. The newest
+                # timestamp showing is the cheap first sign (a count over millions of points on every
+                # poll would load InfluxDB more than the drain itself), but order is not guaranteed:
+                # the count decides.
                 def caught_up() -> bool:
-                    target = next(ts for ts, t in reversed(producer.appended) if t <= time.monotonic() - 1.0)
-                    return newest_visible(rig) >= target
+                    k = next(k for k in reversed(range(len(producer.appended))) if
+                             producer.appended[k][1] <= time.monotonic() - 1.0)
+                    return newest_visible(rig) >= producer.appended[k][0] and rig.count() >= producer.totals[k]
 
                 wait_until(caught_up, outage * 2 + 120, "the backlog to drain", interval=0.25)
                 drain_s = time.monotonic() - t0

@@ -35,6 +35,7 @@ class Producer:
     def __init__(self, spool: SpoolWriter, rate: int, tick_s: float = 0.1) -> None:
         self.spool, self.rate, self.tick_s = spool, rate, tick_s
         self.appended: list[tuple[int, float]] = []  # (newest timestamp ns, monotonic append time)
+        self.totals: list[int] = []  # points appended so far, after each entry of `appended`
         self.count = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -49,8 +50,9 @@ class Producer:
             for s in range(SERIES):
                 batch += points(per_series, start_ns=now_ns, asset=f"P-{s:03d}", step_ns=1000)
             self.spool.append_points(batch)
-            self.appended.append((now_ns + (per_series - 1) * 1000, time.monotonic()))
             self.count += len(batch)
+            self.totals.append(self.count)
+            self.appended.append((now_ns + (per_series - 1) * 1000, time.monotonic()))
             next_t += self.tick_s
             self._stop.wait(max(0.0, next_t - time.monotonic()))
 
@@ -111,6 +113,9 @@ def main() -> None:
                 final = producer.appended[-1][0]
                 wait_until(lambda: newest_visible(rig) >= final, 30, "the last batch")
                 seen.append((newest_visible(rig), time.monotonic()))
+                # The figures assume each batch landed whole when its newest point showed; at least
+                # check that every point did land (1 for the warm-up point).
+                wait_until(lambda: rig.count() >= producer.count + 1, 60, f"all {producer.count} points counted")
         finally:
             rig.stop_all()
             influx.stop()

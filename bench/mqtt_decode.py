@@ -170,6 +170,7 @@ def collector_rate(
                 "broker": {
                     "host": "127.0.0.1",
                     "port": broker.port,
+                    "insecure_plain": True,
                     "username": USER,
                     "password": {"file": "password"},
                     "client_id": client_id,

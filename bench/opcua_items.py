@@ -1,7 +1,8 @@
 """OPC UA collector capacity: monitored items changing at 1 Hz that one collector process keeps up with.
 
 "Keeps up" = p99 lag (spool commit time minus the value's source timestamp) below 1 s and no
-dropped notification (every (item, tick) written by the server is found in the spool). The server is
+dropped notification: every tick the server reports having written entirely inside the measuring
+window is found in the spool for every item (a window with nothing in it fails). The server is
 a plain asyncua server in a separate process, so its CPU is not counted as the collector's; CPU and
 memory are the collector's (this process: the collector runs in a thread, the bench loop sleeps).
 
@@ -20,8 +21,10 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -94,7 +97,8 @@ async def serve(items: int, port: int) -> None:
                 await server.write_attribute_value(
                     node_id, ua.DataValue(value, SourceTimestamp=now, ServerTimestamp=now)
                 )
-            print(f"tick {tick} wrote {items} in {time.time() - started:.3f}s", flush=True)
+            # the collector side reads these lines: which ticks were written completely, and when
+            print(f"tick {tick} start {started:.3f} end {time.time():.3f}", flush=True)
 
 
 # --- collector side ----------------------------------------------------------------------------
@@ -143,6 +147,14 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _read_ticks(stream: IO[str], written: list[tuple[int, float, float]]) -> None:
+    """Collect the server's "tick N start S end E" lines (and keep its stdout pipe from filling)."""
+    for line in stream:
+        parts = line.split()
+        if len(parts) == 6 and parts[0] == "tick":
+            written.append((int(parts[1]), float(parts[3]), float(parts[5])))
+
+
 def run_level(items: int, measure_s: float, warmup_s: float) -> dict[str, float]:
     from flowline.collectors.opcua import OpcUaCollectorProcess
 
@@ -157,6 +169,8 @@ def run_level(items: int, measure_s: float, warmup_s: float) -> dict[str, float]
         try:
             assert server.stdout is not None
             server.stdout.readline()  # "ready"
+            written: list[tuple[int, float, float]] = []  # (tick, write started, write ended), epoch s
+            threading.Thread(target=_read_ticks, args=(server.stdout, written), daemon=True).start()
             wait_until(lambda: port_open(port), 60, "bench server")
             config = load_config(_config(folder, items, port))
             collector = OpcUaCollectorProcess(config)
@@ -187,28 +201,31 @@ def run_level(items: int, measure_s: float, warmup_s: float) -> dict[str, float]
         finally:
             server.terminate()
             server.wait(10)
-        # every tick written inside the window (the first and last, partly outside, excluded) must be complete
-        counts: dict[float, int] = {}
-        in_window: set[float] = set()
+        # Every tick the server wrote entirely inside the window must be in the spool, complete. The
+        # expected ticks come from the server, not from what arrived: a collector that delivered
+        # nothing in the window must fail, not pass with an empty list of ticks.
+        tags: dict[float, set[str]] = {}  # tick value -> items that delivered it (a repeat counts once)
         reader = SpoolReader(config.spool_dir("opcua"))
         after = None
         while records := reader.read(after=after, max_records=1000):
             for record in records:
                 for p in decode_points(record.payload):
                     if p.measurement == "telemetry" and isinstance(value := p.fields.get("value"), float):
-                        counts[value] = counts.get(value, 0) + 1
-                        if t0 <= p.timestamp_ns < t1:
-                            in_window.add(value)
+                        tags.setdefault(value, set()).add(p.tags["tag"])
             after = records[-1].end
-    ticks = sorted(in_window)[1:-1]
-    missing = sum(items - counts[v] for v in ticks) + dropped
+    ticks = [float(tick) for tick, start, end in written if t0 / 1e9 <= start and end <= t1 / 1e9]
+    # A server that cannot write all items once a second does not test the collector at this level:
+    # not a pass either (the machine, not the collector, is the limit; said so in the output).
+    server_kept_pace = len(ticks) >= measure_s / 2
+    missing = sum(items - len(tags.get(v, ())) for v in ticks) + dropped
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     lags.sort()
     p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else float("inf")
     return {
         "items": items,
         "ticks": len(ticks),
-        "values_per_s": sum(counts[v] for v in ticks) / max(1, len(ticks)),
+        "server_kept_pace": int(server_kept_pace),
+        "values_per_s": sum(len(tags.get(v, ())) for v in ticks) / max(1, len(ticks)),
         "missing": missing,
         "p99_lag_s": p99,
         "max_lag_s": lags[-1] if lags else float("inf"),
@@ -217,6 +234,11 @@ def run_level(items: int, measure_s: float, warmup_s: float) -> dict[str, float]
         "rss_mib": rss,
         "setup_s": setup_s,
     }
+
+
+def passed(row: dict[str, float]) -> bool:
+    """Every expected tick complete, p99 lag under 1 s, and a server that really wrote at 1 Hz."""
+    return bool(row["server_kept_pace"]) and row["ticks"] > 0 and row["missing"] == 0 and row["p99_lag_s"] < 1.0
 
 
 def main() -> None:
@@ -238,21 +260,24 @@ def main() -> None:
     measure_s, warmup_s = (8.0, 3.0) if args.quick else (20.0, 5.0)
     rows = []
     print(
-        f"{'items':>7} {'values/s':>9} {'missing':>8} {'p99 lag s':>10} {'max lag s':>10} {'CPU cores':>10} "
-        f"{'RSS MiB':>8} {'setup s':>8} {'server CPU':>10}"
+        f"{'items':>7} {'ticks':>5} {'values/s':>9} {'missing':>8} {'p99 lag s':>10} {'max lag s':>10} "
+        f"{'CPU cores':>10} {'RSS MiB':>8} {'setup s':>8} {'server CPU':>10}"
     )
     for items in levels:
         row = run_level(items, measure_s, warmup_s)
         rows.append(row)
         print(
-            f"{items:>7} {row['values_per_s']:>9.0f} {row['missing']:>8.0f} {row['p99_lag_s']:>10.2f} "
-            f"{row['max_lag_s']:>10.2f} {row['cpu_cores']:>10.2f} {row['rss_mib']:>8.0f} {row['setup_s']:>8.1f} "
-            f"{row['server_cpu_cores']:>10.2f}",
+            f"{items:>7} {row['ticks']:>5} {row['values_per_s']:>9.0f} {row['missing']:>8.0f} "
+            f"{row['p99_lag_s']:>10.2f} {row['max_lag_s']:>10.2f} {row['cpu_cores']:>10.2f} {row['rss_mib']:>8.0f} "
+            f"{row['setup_s']:>8.1f} {row['server_cpu_cores']:>10.2f}",
             flush=True,
         )
-        if row["missing"] > 0 or row["p99_lag_s"] >= 1.0:
+        if not row["server_kept_pace"]:
+            print(f"the bench server wrote only {row['ticks']} complete ticks of {items} items in {measure_s:.0f} s: "
+                  "it cannot drive this level on this machine now (not counted as kept up)")
+        if not passed(row):
             break  # lost notifications or lag past the limit: larger sizes cannot do better
-    ok = [r for r in rows if r["missing"] == 0 and r["p99_lag_s"] < 1.0]
+    ok = [r for r in rows if passed(r)]
     best = max(ok, key=lambda r: r["items"]) if ok else rows[0]
     figures = {
         "max_items_kept_up": best["items"] if ok else 0,

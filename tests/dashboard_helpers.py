@@ -41,8 +41,37 @@ from flowline.relay.dmz.writer import Forwarder
 from flowline.relay.frames import FrameType, decode_wire, encode_frame
 
 MINUTE_NS = 60 * 10**9
+# How the committed dashboards and alerting file are made (rendered with the docker default site).
+EXPORT_COMMAND = (
+    "flowline dashboards export --out dashboards/flowline/dashboards/json "
+    "--provisioning-out dashboards/flowline/dashboards/provisioning "
+    "--site lab/flowline/lab/examples/north-field.yaml "
+    "--alerting-out dashboards/flowline/dashboards/provisioning/alerting"
+)
 HISTORY_DAYS = 7
 FORECAST_DAYS = 3
+
+
+@dataclass(frozen=True)
+class PlantState:
+    """A known plant for the "what a person sees" tests: the simulator's faults (seed 3: P-102
+    vibration_rms, E-201 approach_temp, F-401 differential_pressure degrading), one asset silent
+    for two hours, one tag beyond its high alarm limit now, one spool past half its capacity, and a
+    dead letter in the last minutes."""
+
+    epoch_ns: int
+    silent_asset: str = "WH-03"
+    beyond_tag: tuple[str, str] = ("PL-01", "temperature")  # high alarm 60 degC
+    beyond_value: float = 64.5
+    full_spool_bytes: float = 600 * 2**20  # of the 1 GiB default
+
+    @property
+    def silent_since_ns(self) -> int:
+        return self.epoch_ns - 2 * 3600 * 10**9
+
+    @property
+    def beyond_since_ns(self) -> int:
+        return self.epoch_ns - 5 * 60 * 10**9
 
 
 @dataclass(frozen=True)
@@ -91,15 +120,25 @@ class InfluxReader:
         return set(self.values(f"SHOW TAG KEYS FROM {source}"))
 
 
-def _telemetry(site_file: Path, now_ns: int, step_ns: int) -> list[Point]:
+def _telemetry(
+    site_file: Path, now_ns: int, step_ns: int, start_ns: int | None = None, silent: PlantState | None = None
+) -> list[Point]:
+    """The plant model's values of every tag from ``start_ns`` (default: the history) to ``now_ns``;
+    with a `PlantState`, its silent asset stops and its beyond-limit tag jumps as it describes."""
     site = load_site(site_file)
-    plant = Plant(site, seed=3, epoch_ns=now_ns)
-    times = np.arange(now_ns - HISTORY_DAYS * 86400 * 10**9, now_ns, step_ns, dtype=np.int64)
+    plant = Plant(site, seed=3, epoch_ns=silent.epoch_ns if silent else now_ns)
+    start = start_ns if start_ns is not None else now_ns - HISTORY_DAYS * 86400 * 10**9
+    times = np.arange(start, now_ns, step_ns, dtype=np.int64)
     points: list[Point] = []
     for asset, tag in site.iter_tags():
         ref = TagRef(site.site, asset.id, tag.name, tag.unit)
         values = plant.series(asset.id, tag.name, times)
-        points += [telemetry_point(ref, float(v), int(t)) for t, v in zip(times, values, strict=True)]
+        for t, v in zip(times, values, strict=True):
+            if silent is not None and asset.id == silent.silent_asset and t > silent.silent_since_ns:
+                continue
+            if silent is not None and (asset.id, tag.name) == silent.beyond_tag and t > silent.beyond_since_ns:
+                v = silent.beyond_value
+            points.append(telemetry_point(ref, float(v), int(t)))
     return points
 
 
@@ -208,6 +247,61 @@ def load_pipeline_data(influx: InfluxDServer, database: str, site_file: Path, tm
         start_ms=(now_ns - HISTORY_DAYS * 86400 * 10**9) // 10**6,
         end_ms=(now_ns + FORECAST_DAYS * 86400 * 10**9) // 10**6,
     )
+
+
+def _trouble_metrics(site: str, now_ns: int, state: PlantState) -> list[Point]:
+    """A relay whose spool is past half full, and a writer that dead-lettered points, just now."""
+    relay = Metrics("relay-ot", site, "live")
+    writer = Metrics("historian", site, "live")
+    points: list[Point] = []
+    for seconds_ago in (240, 120, 10):
+        relay.set("spool_bytes", state.full_spool_bytes, spool="opcua")
+        writer.inc("dead_letter_total", 2, reason="field_type_conflict")
+        points += relay.snapshot(now_ns - seconds_ago * 10**9) + writer.snapshot(now_ns - seconds_ago * 10**9)
+    return points
+
+
+def load_plant_state(
+    influx: InfluxDServer, database: str, site_file: Path, tmp: Path
+) -> tuple[PipelineData, PlantState]:
+    """`load_pipeline_data`'s pipeline with `PlantState` applied, and live values up to now: 1-second
+    samples for the last 3 minutes (the silent asset has none after its cut-off)."""
+    admin = Connection(influx.url, database, username=influx.admin.name, password=influx.admin.password)
+    password_file = tmp / "influx-admin-password"
+    password_file.write_text(influx.admin.password)
+    historian = HistorianConfig(
+        url=influx.url, database=database, username=influx.admin.name, password=SecretRef(file=password_file)
+    )
+    grafana = Account("grafana_" + database, "ro-" + database)
+    setup_v1(admin, historian, {"grafana": grafana})
+    # Security events are stamped when the DMZ records them: before "now", so they are in the past.
+    _security_events(FlowlineConfig(site_file=site_file, data_dir=tmp / "data", historian=historian))
+    now_ns = time.time_ns()
+    state = PlantState(now_ns)
+    history_end = pd.Timestamp(now_ns - 3 * 60 * 10**9, tz="UTC").floor("10min").value
+    site = load_site(site_file)
+    with HistorianWriter(admin, precision="ms") as writer:
+        writer.write(_telemetry(site_file, history_end, 10 * MINUTE_NS, silent=state))
+        writer.write(_telemetry(site_file, now_ns, 10**9, start_ns=now_ns - 180 * 10**9, silent=state))
+        writer.write(_stage_metrics(site.site, now_ns))
+        writer.write(_trouble_metrics(site.site, now_ns, state))
+    analytics = AnalyticsConfig(step="10m", history=f"{HISTORY_DAYS * 24}h")
+    run_pass(
+        site,
+        historian,
+        analytics,
+        now=pd.Timestamp(now_ns, tz="UTC"),
+        metrics=Metrics("analytics", site.site, "t"),
+        workers=1,
+    )
+    data = PipelineData(
+        influx.url,
+        database,
+        (grafana.name, grafana.password),
+        start_ms=(now_ns - HISTORY_DAYS * 86400 * 10**9) // 10**6,
+        end_ms=now_ns // 10**6,
+    )
+    return data, state
 
 
 def regex_escape(value: str) -> str:

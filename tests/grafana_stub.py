@@ -41,11 +41,30 @@ class Route:
     operation: JSON
 
 
+# Where the published Swagger file contradicts what Grafana reads and writes (generator artefacts),
+# corrected here and only here, so every other field is checked exactly as published:
+# - alert rules' ``for`` and a file's rule-group ``interval`` are Prometheus durations, (un)marshalled
+#   as strings ("5m"), typed in the file as int64 nanoseconds;
+# - a contact point's ``type`` enum was split on ", " without trimming (" email", " webhook", ...);
+# - an exported query's ``model`` (a free-form map, like AlertQuery's) allows no property at all.
+_DURATION: JSON = {"type": "string", "pattern": r"^\d+[smhd]$"}
+SWAGGER_CORRECTIONS: dict[tuple[str, str], Any] = {
+    ("ProvisionedAlertRule", "for"): _DURATION,
+    ("AlertRuleExport", "for"): _DURATION,
+    ("AlertRuleGroupExport", "interval"): _DURATION,
+    ("EmbeddedContactPoint", "type"): lambda schema: {**schema, "enum": [v.strip() for v in schema["enum"]]},
+    ("AlertQueryExport", "model"): {"type": "object"},
+}
+
+
 class SwaggerContract:
     """Path matching and request validation from a Swagger 2.0 document."""
 
     def __init__(self, swagger_path: Path, dashboard_schema_path: Path) -> None:
         self.doc: JSON = json.loads(swagger_path.read_text(encoding="utf-8"))
+        for (definition, prop), fix in SWAGGER_CORRECTIONS.items():
+            props = self.doc["definitions"][definition]["properties"]
+            props[prop] = fix(props[prop]) if callable(fix) else fix
         self.base = self.doc.get("basePath", "")
         routes = []
         for template, ops in self.doc["paths"].items():
@@ -92,6 +111,12 @@ class SwaggerContract:
                 out += self.unknown_keys(schema["items"], item, f"{where}[{i}]")
         return out
 
+    def validate_definition(self, name: str, value: Any) -> list[str]:
+        """Errors of ``value`` against a definition, unknown keys included (empty when valid)."""
+        schema = {"$ref": f"#/definitions/{name}", "definitions": self.doc["definitions"]}
+        errors = [f"{list(e.path)}: {e.message[:200]}" for e in jsonschema.Draft4Validator(schema).iter_errors(value)]
+        return errors + [f"unknown key {k}" for k in self.unknown_keys({"$ref": f"#/definitions/{name}"}, value)]
+
     def check(self, route: Route, query: dict[str, list[str]], body: Any) -> None:
         params = route.operation.get("parameters", [])
         declared_query = {p["name"] for p in params if p["in"] == "query"}
@@ -123,6 +148,16 @@ class GrafanaState:
     datasources: dict[str, JSON] = field(default_factory=dict)
     dashboards: dict[str, JSON] = field(default_factory=dict)  # uid -> {"dashboard", "folderUid", "version"}
     annotations: list[JSON] = field(default_factory=list)
+    contact_points: dict[str, JSON] = field(default_factory=dict)
+    alert_rules: dict[str, JSON] = field(default_factory=dict)
+    # A site's own tree before Flowline arrives: its route must survive provisioning.
+    policies: JSON = field(
+        default_factory=lambda: {
+            "receiver": "grafana-default-email",
+            "group_by": ["grafana_folder", "alertname"],
+            "routes": [{"receiver": "grafana-default-email", "object_matchers": [["team", "=", "it"]]}],
+        }
+    )
 
 
 class GrafanaStub:
@@ -247,11 +282,47 @@ class GrafanaStub:
         if key == ("POST", "/annotations"):
             s.annotations.append({**body, "id": next(self._ids)})
             return 200, {"id": s.annotations[-1]["id"], "message": "Annotation added"}
+        if key[1].startswith("/v1/provisioning/"):
+            return self._alerting(key, last, body)
         if key == ("GET", "/search"):
             return 200, [
                 {"uid": uid, "title": e["dashboard"]["title"], "type": "dash-db"} for uid, e in s.dashboards.items()
             ]
         return 501, {"message": f"the stub does not implement {route.method} {route.template}"}
+
+    def _alerting(self, key: tuple[str, str], last: str, body: Any) -> tuple[int, Any]:
+        """Contact points, alert rules and the policy tree, with the checks Grafana makes."""
+        s = self.state
+        if key == ("GET", "/v1/provisioning/contact-points"):
+            return 200, list(s.contact_points.values())
+        if key in (("POST", "/v1/provisioning/contact-points"), ("PUT", "/v1/provisioning/contact-points/{UID}")):
+            uid = last if key[0] == "PUT" else body.get("uid") or f"cp{next(self._ids)}"
+            if key[0] == "POST" and uid in s.contact_points:
+                return 409, {"message": "contact point with this uid already exists"}
+            if key[0] == "PUT" and uid not in s.contact_points:
+                return 404, {"message": "contact point not found"}
+            s.contact_points[uid] = {**body, "uid": uid}
+            return 202, s.contact_points[uid]
+        if key == ("GET", "/v1/provisioning/alert-rules/{UID}"):
+            return (200, s.alert_rules[last]) if last in s.alert_rules else (404, {"message": "rule not found"})
+        if key in (("POST", "/v1/provisioning/alert-rules"), ("PUT", "/v1/provisioning/alert-rules/{UID}")):
+            if body["folderUID"] not in s.folders:
+                return 400, {"message": f"folder {body['folderUID']} not found"}
+            uid = last if key[0] == "PUT" else body["uid"]
+            if (key[0] == "POST") == (uid in s.alert_rules):
+                return (409, {"message": "rule exists"}) if key[0] == "POST" else (404, {"message": "not found"})
+            s.alert_rules[uid] = {**body, "provenance": "api"}
+            return 201 if key[0] == "POST" else 200, s.alert_rules[uid]
+        if key == ("GET", "/v1/provisioning/policies"):
+            return 200, s.policies
+        if key == ("PUT", "/v1/provisioning/policies"):
+            names = {cp["name"] for cp in s.contact_points.values()} | {"grafana-default-email"}
+            unknown = sorted(set(_receivers(body)) - names)
+            if unknown:
+                return 400, {"message": f"receivers do not exist: {unknown}"}
+            s.policies = body
+            return 202, {"message": "policies updated"}
+        return 501, {"message": f"the stub does not implement {key[0]} {key[1]}"}
 
     def _find_annotations(self, query: dict[str, list[str]]) -> list[JSON]:
         """Grafana's filter: every requested tag present, time within [from, to], same dashboard."""
@@ -285,3 +356,7 @@ class GrafanaStub:
         stored = {k: v for k, v in dashboard.items() if k not in ("id", "version")}
         self.state.dashboards[uid] = {"dashboard": stored, "folderUid": folder, "id": entry_id, "version": version}
         return 200, {"id": entry_id, "uid": uid, "url": f"/d/{uid}", "status": "success", "version": version}
+
+
+def _receivers(route: JSON) -> list[str]:
+    return [route.get("receiver", ""), *(r for child in route.get("routes") or [] for r in _receivers(child))]

@@ -18,9 +18,10 @@ import yaml
 
 from flowline.core.config import FlowlineConfig, load_config
 from flowline.core.points import Point, TagRef, telemetry_point
-from flowline.core.spool import SpoolWriter
+from flowline.core.spool import SpoolReader, SpoolWriter, decode_points
 from flowline.lab.pki import CertFiles, CertificateAuthority
 from flowline.lab.services import InfluxDServer, InfluxUser, free_port, port_open, wait_until
+from tests.influx_tap import InfluxWriteTap
 
 FLOWLINE = str(Path(sys.executable).parent / "flowline")  # the installed entry point
 SENDER = "ot-test-1"
@@ -74,6 +75,8 @@ class RelayRig:
     influx: InfluxDServer | None = None
     database: str | None = None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    tap: InfluxWriteTap | None = None
+    log_paths: dict[int, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -143,7 +146,7 @@ class RelayRig:
             self.influx.create_user(InfluxUser(user, password, grants=((self.database, "WRITE"),)))
             (self.root / "influx.pw").write_text(password)
             doc["historian"] = {
-                "url": self.influx.url,
+                "url": self.tap.url if self.tap is not None else self.influx.url,
                 "database": self.database,
                 "username": user,
                 "password": {"file": str(self.root / "influx.pw")},
@@ -152,6 +155,19 @@ class RelayRig:
         path = self.root / "dmz.yaml"
         path.write_text(yaml.safe_dump(doc))
         return path
+
+    def tap_writes(self) -> InfluxWriteTap:
+        """Put a recording proxy between the writer and InfluxDB (before starting the writer)."""
+        assert self.influx is not None
+        self.tap = InfluxWriteTap(self.influx.url).start()
+        self.dmz_path = self.write_dmz_config()
+        return self.tap
+
+    def update_dmz(self, **relay_dmz: object) -> None:
+        """Change keys of the DMZ config's relay_dmz section (before starting what reads it)."""
+        doc = yaml.safe_load(self.dmz_path.read_text())
+        doc["relay_dmz"].update(relay_dmz)
+        self.dmz_path.write_text(yaml.safe_dump(doc))
 
     @property
     def ot(self) -> FlowlineConfig:
@@ -167,8 +183,9 @@ class RelayRig:
     # --- processes ---------------------------------------------------------------------------------
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
+        path = self.root / f"{args[0]}-{len(self.procs)}.log"
         # ``python -m flowline.relay`` skips importing every other command group: much faster restarts.
-        with open(self.root / f"{args[0]}-{len(self.procs)}.log", "wb") as log:  # the child keeps its copy
+        with open(path, "wb") as log:  # the child keeps its copy
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flowline.relay", *args],
                 stdout=log,
@@ -176,7 +193,18 @@ class RelayRig:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         self.procs.append(proc)
+        self.log_paths[proc.pid] = path
         return proc
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+        """Until the process printed its READY line (it is serving), or fail with the logs."""
+        path = self.log_paths[proc.pid]
+        try:
+            wait_until(lambda: b"READY" in path.read_bytes() or proc.poll() is not None, timeout, f"{path.stem} READY")
+        except TimeoutError:
+            print(self.logs())
+            raise
+        assert proc.poll() is None, self.logs()
 
     def start_gateway(self) -> subprocess.Popen[bytes]:
         proc = self.start("dmz", "--config", str(self.dmz_path))
@@ -190,6 +218,8 @@ class RelayRig:
         )
 
     def stop_all(self) -> None:
+        if self.tap is not None:
+            self.tap.stop()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -280,6 +310,25 @@ def _parse_rest(rest: str) -> tuple[dict[str, object], int]:
         else:
             fields[key] = float(raw)
     return fields, int(ts)
+
+
+def unacked_points(folder: Path, relay_bodies: bool, measurement: str = "telemetry") -> int:
+    """Points of ``measurement`` in a spool's records not yet acknowledged by its reader.
+
+    This is the most a reader killed now can replay: the chaos tests bound duplicates by it.
+    OT spools hold point records, the DMZ spool holds relay bodies (``relay_bodies``).
+    """
+    from flowline.relay.body import decode_body
+
+    n = 0
+    for record in SpoolReader(folder).read(max_records=1_000_000, max_bytes=1 << 40):
+        if relay_bodies:
+            series, raw = decode_body(record.payload)
+            n += sum(len(rests) for name, _, rests in series if name == measurement)
+            n += sum(1 for item in raw if isinstance(item, list) and item[:1] == [measurement])
+        else:
+            n += sum(1 for p in decode_points(record.payload) if p.measurement == measurement)
+    return n
 
 
 def dmz_points(config: FlowlineConfig) -> list[Point]:

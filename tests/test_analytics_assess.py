@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from flowline.analytics.api import assess, plot_assessment, write_report_png
+from flowline.analytics.api import assess, plot_assessment, report_figure, write_report_png
 from flowline.analytics.assess import Assessment, SeriesSpec, assess_series, regularise
 from flowline.analytics.job import assess_many, event_point, health_point
 from flowline.analytics.rules import AssessmentRules, Flag, decide_flag, health_score
 from flowline.analytics.synthetic import HIGH, LEVEL, Kind, make_series
+from flowline.inventory import load_site
+from tests.conftest import EXAMPLE_SITE
 
 SPEC = SeriesSpec("s", "P-1", "vib", high=HIGH, consequence_weight=3.0, criticality="A")
 END = pd.Timestamp("2026-01-15T00:00:00Z")
@@ -210,11 +213,65 @@ def test_api_assess_uses_good_quality_and_plots(tmp_path: Path) -> None:
     a = assess(frame, SPEC)
     assert a.flag >= Flag.DEGRADING and a.history is not None and a.history.max() < 1e3
     fig = plot_assessment(a)
-    assert fig.axes[0].get_title().startswith("P-1 vib: ")
+    assert fig.axes[0].get_title().startswith("P-1 (criticality A) vib: ")
     out = tmp_path / "report.png"
     assert write_report_png([a, assess_series(make_series("healthy"), SPEC)], out) == 1
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert write_report_png([], tmp_path / "empty.png") == 0
+
+
+def _texts(fig: Any) -> list[str]:
+    texts = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))]
+    return [t for t in texts if t]
+
+
+def test_report_names_site_time_asset_criticality_units_and_the_now_line() -> None:
+    site = load_site(EXAMPLE_SITE)
+    spec = SeriesSpec("north-field", "P-102", "vibration_rms", high=HIGH, criticality="A", unit="mm/s")
+    a = assess_series(make_series("degrading", seed=2), spec)
+    assert a.flag >= Flag.DEGRADING
+    fig, plotted = report_figure([a], site=site)
+    texts = _texts(fig)
+    assert plotted == 1
+    assert f"Flowline reliability report: north-field, assessed {a.assessed_at:%Y-%m-%d %H:%M} UTC" in texts
+    assert any(t.startswith("P-102 Crude export pump B (criticality A) vibration_rms: ") for t in texts)
+    assert f"alarm limit {HIGH:g} mm/s" in texts and "now" in texts
+    assert f"now (assessed {a.assessed_at:%Y-%m-%d %H:%M} UTC)" in texts
+
+
+def test_report_says_when_analysis_was_skipped_or_nothing_is_flagged() -> None:
+    site = load_site(EXAMPLE_SITE)
+    fig, plotted = report_figure([], site=site, skipped_reason="analysis skipped: InfluxDB at x is unreachable")
+    assert plotted == 0
+    texts = _texts(fig)
+    assert "Analysis skipped: no tag was assessed" in texts
+    assert any("InfluxDB at x is unreachable" in t for t in texts)
+    short = SeriesSpec("north-field", "P-101", "vibration_rms", high=4.5, criticality="A", unit="mm/s")
+    skipped = assess_series(make_series("healthy")[:5], short)
+    assert skipped.result != "ok"
+    texts = _texts(report_figure([skipped], site=site)[0])
+    assert "Analysis skipped: no tag was assessed" in texts
+    assert "north-field/P-101/vibration_rms: failed: too short: 1 h of history, need 48 h" in texts
+    healthy = assess_series(make_series("healthy"), SPEC)
+    texts = _texts(report_figure([healthy], site=site)[0])
+    assert "No asset at DEGRADING or worse" in texts and "1 tags assessed, all below DEGRADING" in texts
+
+
+def test_analyze_writes_a_skipped_report_when_influxdb_is_unreachable(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flowline.analytics.cli import analyze
+    from flowline.lab.services import free_port
+
+    config = tmp_path / "flowline.yaml"
+    config.write_text(
+        f"site_file: {EXAMPLE_SITE}\ndata_dir: {tmp_path}\n"
+        f"historian: {{url: 'http://127.0.0.1:{free_port()}', database: flowline, timeout_s: 2}}\n"
+    )
+    report = tmp_path / "report.png"
+    result = CliRunner().invoke(analyze, ["--config", str(config), "--once", "--report", str(report)])
+    assert result.exit_code == 1 and "unreachable" in result.output and "Traceback" not in result.output
+    assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_surprise_is_the_detectors_alert_in_the_latest_window() -> None:

@@ -45,6 +45,8 @@ def _mqtt_section(port: int, tls_ca: Path | None = None, protocol: str = "5", **
     }
     if tls_ca is not None:
         broker["tls"] = {"ca_file": str(tls_ca)}
+    else:
+        broker["insecure_plain"] = True  # the test broker's plain listener, said explicitly
     return {"mqtt": {"broker": broker, "topic_templates": ["plant/{site}/{asset}/{tag}"], **extra}}
 
 

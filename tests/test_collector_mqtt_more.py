@@ -91,3 +91,35 @@ def test_untrusted_broker_certificate_is_refused_with_a_clear_error(tmp_path: Pa
     config = write_config(tmp_path, write_site(tmp_path), _mqtt_section(mosquitto.tls_port, other_ca.files.cert))
     message = _refusal(config)  # refused in the handshake itself (paho's on_connect_fail path)
     assert "CERTIFICATE_VERIFY_FAILED" in message and "ca_file" in message, message
+
+
+def test_plain_mqtt_is_refused_unless_the_config_says_so(tmp_path: Path) -> None:
+    from flowline.core.errors import ConfigError
+
+    section = _mqtt_section(1883)
+    del section["mqtt"]["broker"]["insecure_plain"]
+    with pytest.raises(ConfigError, match="insecure_plain: true"):
+        write_config(tmp_path, write_site(tmp_path), section)
+    section["mqtt"]["broker"]["insecure_plain"] = True
+    assert write_config(tmp_path, write_site(tmp_path), section).collectors is not None
+
+
+@pytest.mark.parametrize(
+    ("server_name", "ok"), [("localhost", True), ("broker.elsewhere.example", False), (None, True)]
+)
+def test_tls_server_name_is_what_the_broker_certificate_is_checked_against(
+    mosquitto: MosquittoServer, pki: CertificateAuthority, server_name: str | None, ok: bool
+) -> None:
+    import socket
+    import ssl
+
+    from flowline.collectors.mqtt_tls import tls_context
+    from flowline.core.config import TlsClientConfig
+
+    context = tls_context(TlsClientConfig(ca_file=pki.files.cert, server_name=server_name))
+    with socket.create_connection(("127.0.0.1", mosquitto.tls_port), timeout=5) as raw:
+        if ok:  # the certificate names localhost and 127.0.0.1: what paho dials is 127.0.0.1
+            context.wrap_socket(raw, server_hostname="127.0.0.1").close()
+        else:
+            with pytest.raises(ssl.SSLCertVerificationError, match=r"broker\.elsewhere\.example"):
+                context.wrap_socket(raw, server_hostname="127.0.0.1")

@@ -80,6 +80,7 @@ def collector(tmp_path: Path, mosquitto: MosquittoServer, monkeypatch: pytest.Mo
             "broker": {
                 "host": "127.0.0.1",
                 "port": mosquitto.port,
+                "insecure_plain": True,
                 "username": MQTT_USER,
                 "password": {"env": "FLOWLINE_TEST_MQTT_PASSWORD"},
                 "client_id": "sp-" + os.urandom(4).hex(),

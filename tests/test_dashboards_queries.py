@@ -162,13 +162,13 @@ def test_newest_pass_without_a_crossing_shows_no_stale_hours_to_alarm(influx: In
         (row,) = series["values"]
         return dict(zip(series["columns"], row, strict=True))
 
-    table = _select("/Degrading assets/A")
+    table = _select("/Assessed tags, worst first/A")
     stale = Select(
         table.measurement, [Col("hours_to_alarm", "last", "hours_to_alarm")], table.where, group_by=table.group_by
     )
     assert newest(stale)["hours_to_alarm"] == 30.0  # what last() per field showed: the first pass's value
     row = newest(table)
-    assert row["hours_to_alarm"] is None and row["flag_level"] == int(Flag.WATCH) and row["p_cross"] == 0.1
+    assert row["to alarm (h)"] is None and row["flag_level"] == int(Flag.WATCH) and row["P(cross) (0-1)"] == 0.1
     stat = newest(_select("/Time to alarm limit/A"))
     assert stat["hours_to_alarm"] is None and stat["flag_level"] == int(Flag.WATCH)
 

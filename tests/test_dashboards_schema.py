@@ -17,6 +17,7 @@ from flowline.dashboards.definitions import RELIABILITY_UID, all_dashboards
 from flowline.dashboards.export import PACKAGED_JSON, dumps, render_all
 from flowline.inventory import load_site
 from tests.conftest import EXAMPLE_SITE, schema_file
+from tests.dashboard_helpers import EXPORT_COMMAND
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,11 @@ def test_dashboard_validates_against_grafana_schema(
 
 
 def test_committed_json_is_what_the_code_generates() -> None:
-    generated = {name: dumps(d) for name, d in render_all().items()}
+    # The committed copies are the docker deployment's default: rendered with its default site file.
+    generated = {name: dumps(d) for name, d in render_all(load_site(EXAMPLE_SITE)).items()}
     committed = {p.name: p.read_text(encoding="utf-8") for p in PACKAGED_JSON.glob("*.json")}
     assert committed == generated, (
-        "committed dashboards are stale: run `flowline dashboards export --out flowline/dashboards/json "
-        "--provisioning-out flowline/dashboards/provisioning`"
+        f"committed dashboards are stale: run `{EXPORT_COMMAND}`"
     )
 
 
@@ -76,7 +77,9 @@ def test_influxql_stays_in_the_subset_influxdb3_supports() -> None:
             assert not re.search(r"\bINTO\b|\bSLIMIT\b|\bSOFFSET\b|FROM\s*\(", upper), query
             assert "time($__interval)" in query or "GROUP BY TIME" not in upper, query
             if upper.startswith("SELECT"):
-                assert "$timeFilter" in query, f"unbounded query: {query}"
+                # Bounded: by the dashboard range, or by a fixed look-back (freshness, inventory).
+                bounded = "$timeFilter" in query or re.search(r"time > now\(\) - \d+[dh] ", query)
+                assert bounded, f"unbounded query: {query}"
             else:
                 assert upper.startswith("SHOW TAG VALUES"), query
     with pytest.raises(DashboardBuildError, match="top"):
@@ -104,30 +107,36 @@ def test_layout_ids_and_variables() -> None:
         assert variables["site"]["query"].startswith("SHOW TAG VALUES")
     reliability = render_all()[f"{RELIABILITY_UID}.json"]
     names = [v["name"] for v in reliability["templating"]["list"]]
-    assert names == ["datasource", "site", "asset", "tag"]
+    assert names == ["datasource", "site", "asset", "tag", "unit"]
     assert reliability["annotations"]["list"][0]["target"]["query"].startswith('SELECT "title", "text"')
 
 
-def test_degrading_table_links_to_the_drill_down() -> None:
+@pytest.mark.parametrize("title", ["Assets, worst tag first", "Assessed tags, worst first"])
+def test_fleet_tables_link_to_the_drill_down_of_the_row_tag(title: str) -> None:
     reliability = render_all()[f"{RELIABILITY_UID}.json"]
-    table = next(p for p in reliability["panels"] if p["title"] == "Degrading assets")
+    table = next(p for p in reliability["panels"] if p["title"] == title)
     (link,) = table["fieldConfig"]["defaults"]["links"]
     assert link["url"].startswith(
         f"/d/{RELIABILITY_UID}?var-site=${{__data.fields.site}}&var-asset=${{__data.fields.asset}}"
+        "&var-tag=${__data.fields.tag}"
     )
-    assert "var-tag=${__data.fields.tag}" in link["url"]
     query = table["targets"][0]["query"]
-    for column in ("flag", "hours_to_alarm", "p_cross", "trend_per_day"):
+    for column in ("flag", "hours_to_alarm", "p_cross", "trend_per_day", "unit"):
         assert f'"{column}"' in query
     assert 'GROUP BY "site", "asset", "tag"' in query
     # The newest whole row per series, so a field the newest pass left out is not an older value.
     assert query.endswith("ORDER BY time DESC LIMIT 1")
 
 
+def test_reliability_range_ends_at_the_forecast_horizon() -> None:
+    assert render_all()[f"{RELIABILITY_UID}.json"]["time"] == {"from": "now-7d", "to": "now+168h"}
+    assert render_all(horizon_hours=83.5)[f"{RELIABILITY_UID}.json"]["time"]["to"] == "now+84h"
+
+
 def test_site_alarm_limits_become_threshold_bands() -> None:
     site = load_site(EXAMPLE_SITE)
     operations = next(d for d in all_dashboards(site) if d.uid == "flowline-operations").to_json()
-    flow_panel = next(p for p in operations["panels"] if p["title"] == "Pressure")
+    flow_panel = next(p for p in operations["panels"] if p["title"] == "Pressure (barg)")
     by_name = {o["matcher"]["options"]["names"][0]: o for o in flow_panel["fieldConfig"]["overrides"]}
     # P-101 discharge_pressure: low 55, high 95 (north-field.yaml)
     steps = next(p["value"] for p in by_name["P-101 discharge_pressure"]["properties"] if p["id"] == "thresholds")[

@@ -12,14 +12,19 @@ import zfec  # type: ignore[import-untyped]
 from flowline.lab.netem import LossyUdpProxy
 from flowline.lab.pki import CertificateAuthority
 from flowline.lab.services import wait_until
-from flowline.relay.diode_wire import DatagramError, Share, encode_shares, parse_datagram
+from flowline.relay.diode_wire import DatagramError, Heartbeat, Share, encode_heartbeat, encode_shares, parse_datagram
 from tests.relay_helpers import RelayRig, dmz_points, points
+
+KEY = b"0123456789abcdef" * 2
+KEYS = {"s1": KEY}
 
 
 @pytest.mark.parametrize("size", [1, 999, 12_000, 100_003])
 def test_any_k_of_m_shares_rebuild_the_frame(size: int) -> None:
     frame = random.randbytes(size)
-    shares = [parse_datagram(d) for d in encode_shares(7, 42, 1000, 55, frame, chunk=500, k=4, m=7)]
+    shares = [
+        parse_datagram(d, KEYS.get) for d in encode_shares("s1", KEY, 7, 42, 1000, 55, frame, chunk=500, k=4, m=7)
+    ]
     assert all(isinstance(s, Share) for s in shares)
     blocks: dict[int, list[Share]] = {}
     for share in shares:
@@ -33,10 +38,24 @@ def test_any_k_of_m_shares_rebuild_the_frame(size: int) -> None:
     assert rebuilt[:size] == frame
 
 
-def test_garbage_datagrams_are_refused() -> None:
-    for data in (b"", b"FD", random.randbytes(40), b"FD\x01\x01" + bytes(60)):
-        with pytest.raises(DatagramError):
-            parse_datagram(data)
+def test_garbage_forged_and_altered_datagrams_are_refused() -> None:
+    for data in (b"", b"FD", random.randbytes(40), b"FD\x01\x01" + bytes(60), b"FD\x02\x01\x00" + bytes(60)):
+        with pytest.raises(DatagramError) as exc:
+            parse_datagram(data, KEYS.get)
+        assert exc.value.reason == "malformed"
+    good = encode_shares("s1", KEY, 7, 42, 1000, 55, b"frame", chunk=500, k=4, m=7)[0]
+    with pytest.raises(DatagramError) as exc:  # the same datagram under another key
+        parse_datagram(encode_shares("s1", b"k" * 32, 7, 42, 1000, 55, b"frame", chunk=500, k=4, m=7)[0], KEYS.get)
+    assert exc.value.reason == "bad_tag"
+    altered = bytearray(good)
+    altered[20] ^= 1
+    with pytest.raises(DatagramError) as exc:
+        parse_datagram(bytes(altered), KEYS.get)
+    assert exc.value.reason == "bad_tag"
+    with pytest.raises(DatagramError) as exc:
+        parse_datagram(encode_heartbeat("stranger", KEY, 7, 1, 0), KEYS.get)
+    assert exc.value.reason == "unknown_sender"
+    assert parse_datagram(encode_heartbeat("s1", KEY, 7, 43, 1055), KEYS.get) == Heartbeat("s1", 7, 43, 1055)
 
 
 @pytest.fixture

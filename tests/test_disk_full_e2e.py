@@ -30,6 +30,7 @@ import yaml
 
 from flowline.lab.services import wait_until
 from flowline.lab.stack import LocalStack, StackOptions, StageProcess
+from tests.conftest import unavailable
 from tests.test_chaos_pipeline import AckedPublisher, expected_value
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,7 @@ def _unmount(folder: Path) -> None:
 @pytest.fixture
 def tmpfs_stack(tmp_path: Path) -> Iterator[tuple[LocalStack, dict[str, Path]]]:
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+        unavailable("mounting a tmpfs needs root (CI runs as root)")
     stack = LocalStack(tmp_path / "stack", StackOptions(simulate=False, backfill_days=0))
     mounted: list[Path] = []
     try:
@@ -69,7 +70,7 @@ def tmpfs_stack(tmp_path: Path) -> Iterator[tuple[LocalStack, dict[str, Path]]]:
             try:
                 _mount_tmpfs(disk)
             except subprocess.CalledProcessError as exc:
-                pytest.skip(f"cannot mount a tmpfs here: {exc.stderr.strip()}")
+                unavailable(f"cannot mount a tmpfs here: {exc.stderr.strip()}")
             mounted.append(disk)
             for name in folders:  # each zone's state on its own disk, as on a real host
                 (disk / name).mkdir(parents=True)

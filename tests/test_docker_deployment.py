@@ -66,24 +66,44 @@ def test_compose_validates_against_the_compose_spec(compose: dict[str, Any]) -> 
     assert errors == []
 
 
-def test_zone_networks(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
-    assert compose["networks"]["ot"]["internal"] is True
+ZONES = {
+    "ot": OT_SERVICES | {"ot-sender"},
+    "dmz": {"dmz-gateway", "writer"},
+    "it": {"rollup", "analytics", "influxdb", "grafana"},
+}
+
+
+def test_each_conduit_joins_exactly_the_two_ends_of_one_approved_flow(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    assert set(compose["networks"]) == {"ot", "ot-dmz", "dmz-it", "it"}
+    assert all(compose["networks"][n]["internal"] is True for n in ("ot", "ot-dmz", "dmz-it"))
     members = {name: _networks(s) for name, s in services.items()}
-    assert [n for n, nets in members.items() if {"ot", "dmz"} <= nets] == ["ot-sender"]
-    assert [n for n, nets in members.items() if {"dmz", "it"} <= nets] == ["dmz-gateway"]
-    assert members["ot-sender"] == {"ot", "dmz"} and members["dmz-gateway"] == {"dmz", "it"}
-    assert not any({"ot", "it"} <= nets for nets in members.values())
-    for name in OT_SERVICES:
-        assert members[name] == {"ot"}, name
-    for name in ("writer", "rollup", "analytics", "influxdb", "grafana"):
-        assert members[name] == {"it"}, name
-    assert set(compose["networks"]) == {"ot", "dmz", "it"}
+    on = {net: {n for n, nets in members.items() if net in nets} for net in compose["networks"]}
+    assert on["ot"] == OT_SERVICES
+    assert on["ot-dmz"] == {"ot-sender", "dmz-gateway"}  # the relay: the sender dials the gateway
+    assert on["dmz-it"] == {"writer", "influxdb"}  # the historian: the writer dials InfluxDB
+    assert on["it"] == {"rollup", "analytics", "influxdb", "grafana"}
+    # Nothing is on networks of two zones but InfluxDB, the listening end of its conduit.
+    assert [n for n, nets in members.items() if len(nets) > 1] == ["influxdb"]
+    assert set(ZONES["ot"] | ZONES["dmz"] | ZONES["it"]) == set(services)
+
+
+def test_no_volume_is_shared_across_zones(services: dict[str, dict[str, Any]]) -> None:
+    zone_of = {service: zone for zone, members in ZONES.items() for service in members}
+    users: dict[str, set[str]] = {}
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume["source"]
+            if not source.startswith((".", "/")):  # named volumes; bind mounts are read-only files
+                users.setdefault(source, set()).add(zone_of[name])
+    assert {v: z for v, z in users.items() if len(z) > 1} == {}
+    assert users["dmz-data"] == {"dmz"} and users["ot-data"] == {"ot"}
 
 
 def test_no_ot_or_dmz_service_publishes_a_port(services: dict[str, dict[str, Any]]) -> None:
-    for name, service in services.items():
-        if _networks(service) & {"ot", "dmz"}:
-            assert "ports" not in service and "network_mode" not in service, name
+    for name in ZONES["ot"] | ZONES["dmz"]:
+        assert "ports" not in services[name] and "network_mode" not in services[name], name
     assert [n for n, s in services.items() if "ports" in s] == ["grafana"]
 
 
@@ -176,8 +196,22 @@ def test_dockerfile_is_multistage_pinned_non_root_with_healthcheck() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must run as a non-root user"
     assert re.search(r"^HEALTHCHECK\s", text, flags=re.M)
     assert re.search(r"COPY --from=build", text)
-    healthcheck = DOCKER / "healthcheck.py"
-    assert healthcheck.exists() and "healthcheck.py" in text
+    # the health check reads the status file of the container's own process (no connection)
+    assert re.search(r'^\s+CMD \["flowline", "status", "--check", "pid1"\]', text, flags=re.M)
+
+
+def test_every_flowline_service_has_a_status_file_for_its_health_check(services: dict[str, dict[str, Any]]) -> None:
+    """`flowline status --check pid1` finds each service's status file from its command line."""
+    from flowline.core.status import PROCESS_NAMES, process_name
+
+    named = {}
+    for name, service in services.items():
+        if "command" in service and "flowline" in str(service.get("image", "")):
+            named[name] = process_name(["flowline", *service["command"]])
+    assert named.pop("sim") is None  # the simulator is not part of the pipeline: no status file
+    assert None not in named.values(), named
+    assert set(named.values()) <= set(PROCESS_NAMES.values())
+    assert len(set(named.values())) == len(named), "two services would share one status file"
 
 
 def test_each_service_runs_its_zones_image_built_from_the_lock(services: dict[str, dict[str, Any]]) -> None:
@@ -192,8 +226,11 @@ def test_each_service_runs_its_zones_image_built_from_the_lock(services: dict[st
         assert f"flowline-{zone}:" in service["image"], name
     text = (DOCKER / "Dockerfile").read_text(encoding="utf-8")
     assert 'uv sync --frozen --no-default-groups --no-editable --extra "$ZONE"' in text
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text(encoding="utf-8").split()
+    assert "!uv.lock" in ignore
     for folder in ("core", "inventory", "collectors", "relay", "historian", "analytics", "dashboards", "lab"):
-        assert f"COPY {folder} ./{folder}" in text, f"the build context must include {folder}/"
+        assert f"COPY {folder} ./{folder}" in text, f"the image must be built from {folder}/"
+        assert f"!{folder}/**" in ignore, f"{folder}/ is left out of the build context"
 
 
 def test_grafana_is_provisioned_from_the_packaged_files(

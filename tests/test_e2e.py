@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from flowline.core.points import Quality
+from flowline.core.status import read_all
 from flowline.inventory import load_site
 from flowline.lab.sim.mqtt_publisher import MqttPublisher, MqttSettings
 from flowline.lab.sim.opcua_server import SimOpcUaServer
@@ -132,6 +134,7 @@ def test_opcua_and_mqtt_values_land_with_tags_value_quality_and_timestamp(
     assert stages
 
 
+@pytest.mark.timeout(660)  # the demo itself may take up to its 600 s subprocess timeout
 def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Path) -> None:
     seed = 7
     workdir = tmp_path / "demo"
@@ -152,3 +155,14 @@ def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Pa
     assert (workdir / "report.png").stat().st_size > 10_000
     assert len(list((workdir / "dashboards").glob("*.json"))) >= 4
     assert "Degrading assets" in result.stdout
+    assert summary["analytics_incomplete"] is None  # every series of the demo was assessed
+    # every stage left its status file, and each stopped cleanly (none failed)
+    states = {doc["process"]: doc["state"] for doc in read_all(workdir / "data")}
+    assert states == dict.fromkeys(
+        ["analytics", "collector-mqtt", "collector-opcua", "relay-dmz", "relay-ot", "relay-writer"], "stopped"
+    )
+    alerting = workdir / "alerting" / "alerting.yaml"
+    assert f"Alert rules, contact points and policy (Grafana provisioning): {alerting.resolve()}" in result.stdout
+    assert "critical asset degrading" in alerting.read_text()
+    rollup_log = (workdir / "logs" / "historian.log").read_text()  # the demo rolls up the hourly tier
+    assert re.search(r"1h: \d+ windows, [1-9]\d* points written", rollup_log), rollup_log

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,34 @@ def test_durations_are_validated() -> None:
     assert duration_seconds("INF") is None
     with pytest.raises(ValueError, match="retention duration"):
         duration_seconds("90 days")
+
+
+def test_setup_command_never_prints_a_password(
+    influx: InfluxDServer, names: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """First run (CREATE USER), re-run (SET PASSWORD), and a statement InfluxDB refuses: no password shown."""
+    from click.testing import CliRunner
+
+    from flowline.historian.cli import historian
+
+    db, _ = names
+    config = tmp_path / "flowline.yaml"
+    config.write_text(f"site_file: site.yaml\nhistorian:\n  url: {influx.url}\n  database: {db}\n")
+    secret_part = uuid.uuid4().hex
+    password = "pw'with\\odd" + secret_part
+    monkeypatch.setenv("ADMIN_PW", influx.admin.password)
+    monkeypatch.setenv("WRITER_PW", password)
+
+    def run(*accounts: str) -> str:
+        args = ["setup", "--config", str(config), "--admin-password-env", "ADMIN_PW"]
+        result = CliRunner().invoke(historian, [*args, *(a for acc in accounts for a in ("--account", acc))])
+        output = result.output + (str(result.exception) if result.exception else "")
+        assert secret_part[:8] not in output and secret_part[-8:] not in output and influx.admin.password not in output
+        return output
+
+    first = run(f"writer=w_{db}:env:WRITER_PW")
+    assert f'CREATE USER "w_{db}" WITH PASSWORD ***' in first
+    again = run(f"writer=w_{db}:env:WRITER_PW")
+    assert f'SET PASSWORD FOR "w_{db}" = ***' in again
+    refused = run("writer=:env:WRITER_PW")  # an empty user name: InfluxDB refuses the statement
+    assert 'Error: InfluxDB refused CREATE USER "" WITH PASSWORD ***: username required' in refused

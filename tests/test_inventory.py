@@ -158,3 +158,44 @@ def test_assets_check_cli(tmp_path: Path) -> None:
 
     missing = runner.invoke(flowline, ["assets", "check", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 1 and "cannot read file" in missing.output
+
+
+def test_production_stream_must_not_mix_units(tmp_path: Path) -> None:
+    speed = 'source: {opcua: {node: "ns=2;s=K-301.speed"}}'
+    text = MINIMAL.replace("        alarm: {high: 95}\n", "        alarm: {high: 95}\n        production: crude\n")
+    text = text.replace(speed, speed + "\n        production: crude")
+    _, problems = _problems(tmp_path, text)
+    assert any("production stream 'crude' mixes units degC, rpm" in p for p in problems), problems
+
+
+def test_example_site_production_streams() -> None:
+    streams = load_site(EXAMPLE_SITE).production_streams()
+    assert {stream: [(a.id, t.name, t.unit) for a, t in tags] for stream, tags in streams.items()} == {
+        "crude export": [("P-101", "flow", "m3/h"), ("P-102", "flow", "m3/h")],
+        "gas": [("V-201", "gas_flow", "Sm3/h")],
+    }
+
+
+def test_assets_check_warns_about_blocked_assets_and_sources_read_twice(tmp_path: Path) -> None:
+    text = (
+        MINIMAL.replace('assets: ["P-*", "K-*"]', 'assets: ["P-*"]\n    tags: [vibration_rms]')
+        .replace("plant/test-site/P-101/bearing_temp", "plant/shared")
+        .replace(
+            "    tags:\n      - name: speed",
+            "    tags:\n      - name: speed2\n        source: {mqtt: {topic: plant/shared}}\n      - name: speed",
+        )
+    )
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(flowline, ["assets", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "WARNING" in line]
+    assert len(warnings) == 3, result.output
+    assert "assets[0] (P-101): no approved flow lets tags bearing_temp through" in warnings[0]
+    assert "assets[1] (K-301): no approved flow lets its points through" in warnings[1]
+    assert (
+        "assets[1] (K-301).tags[0] (speed2) and assets[0] (P-101).tags[1] (bearing_temp) are mapped to the same"
+        " source (mqtt plant/shared)" in warnings[2]
+    )
+    clean = CliRunner().invoke(flowline, ["assets", "check", str(EXAMPLE_SITE)])
+    assert "WARNING" not in clean.output

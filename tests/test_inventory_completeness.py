@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flowline.analytics.job import expected_per_hour, inventory_points, opcua_default_interval_ms
+from flowline.analytics.job import inventory_points
 from flowline.core.config import OpcUaCollectorConfig, OpcUaEndpoint
 from flowline.inventory import SiteFileError, parse_site
+from flowline.inventory.rates import expected_per_hour, opcua_default_interval_ms
 
 SITE = """
 site: s1

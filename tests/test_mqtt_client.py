@@ -179,6 +179,7 @@ def _config(folder: Path, port: int, protocol: str, client_id: str) -> FlowlineC
     broker = {
         "host": "127.0.0.1",
         "port": port,
+        "insecure_plain": True,
         "username": MQTT_USER,
         "password": {"env": "FLOWLINE_TEST_MQTT_PASSWORD"},
         "client_id": client_id,

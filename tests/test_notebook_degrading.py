@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from flowline.core.points import Quality, telemetry_point
 from flowline.historian.connection import Connection
@@ -19,7 +22,7 @@ EPOCH = pd.Timestamp("2026-01-15T00:00:00Z")
 
 
 def test_notebook_runs_and_finds_the_degrading_asset(
-    influx: InfluxDServer, influx_db: str, monkeypatch: pytest.MonkeyPatch
+    influx: InfluxDServer, influx_db: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import nbformat
     from nbclient import NotebookClient
@@ -42,12 +45,24 @@ def test_notebook_runs_and_finds_the_degrading_asset(
     with HistorianWriter(conn) as writer:
         writer.write(points)
 
+    # The notebook finds its stack through FLOWLINE_CONFIG (tests/test_data_route.py runs it on
+    # the demo stack without it); this config points at the test InfluxDB.
+    config = {
+        "site_file": str(EXAMPLE_SITE),
+        "data_dir": str(tmp_path / "data"),
+        "analytics": {
+            "historian": {
+                "url": influx.url,
+                "database": influx_db,
+                "username": influx.admin.name,
+                "password": {"env": "FLOWLINE_TEST_NOTEBOOK_PASSWORD"},
+            }
+        },
+    }
+    (tmp_path / "flowline.yaml").write_text(yaml.safe_dump(config))
     for key, value in {
-        "FLOWLINE_INFLUX_URL": influx.url,
-        "FLOWLINE_INFLUX_DB": influx_db,
-        "FLOWLINE_INFLUX_USER": influx.admin.name,
-        "FLOWLINE_INFLUX_PASSWORD": influx.admin.password,
-        "FLOWLINE_SITE_FILE": str(EXAMPLE_SITE),
+        "FLOWLINE_CONFIG": str(tmp_path / "flowline.yaml"),
+        "FLOWLINE_TEST_NOTEBOOK_PASSWORD": influx.admin.password,
         "FLOWLINE_ASSET": asset,
         "FLOWLINE_TAG": tag,
         "FLOWLINE_END": end.isoformat(),

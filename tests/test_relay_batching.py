@@ -13,11 +13,11 @@ from flowline.core.points import Point
 from flowline.core.spool import SpoolReader, SpoolWriter, encode_points
 from flowline.lab.pki import CertificateAuthority
 from flowline.relay.body import body_lines, decode_body, encode_body
-from flowline.relay.diode_wire import HEARTBEAT, KIND_HEARTBEAT, MAGIC, VERSION, encode_shares
+from flowline.relay.diode_wire import encode_heartbeat, encode_shares
 from flowline.relay.dmz.diode_receive import DiodeReceiver
 from flowline.relay.frames import FrameType, encode_frame
 from flowline.relay.ot.batching import BatchBuilder, SequenceJournal
-from tests.relay_helpers import RelayRig, points
+from tests.relay_helpers import SENDER, RelayRig, points
 
 
 def builder(folder: Path, max_points: int = 1000) -> BatchBuilder:
@@ -102,10 +102,10 @@ def test_diode_accounts_whole_and_partial_losses_exactly(tmp_path: Path, pki: Ce
             frame = encode_frame(
                 key, FrameType.BATCH, "ot-test-1", seq, n, encode_body(points(n, start_ns=seq * 10**9))
             )
-            shares = encode_shares(1, seq, sent, n, frame, chunk=200, k=4, m=6)
+            shares = encode_shares(SENDER, key, 1, seq, sent, n, frame, chunk=200, k=4, m=6)
             if seq == 11:
                 # a heartbeat announces batch 11, then nothing of it arrives
-                receiver.handle(HEARTBEAT.pack(MAGIC, VERSION, KIND_HEARTBEAT, 1, 11, sent))
+                receiver.handle(encode_heartbeat(SENDER, key, 1, 11, sent))
                 shares = []
             elif seq == 13:
                 shares = shares[:3]  # too few shares of batch 13 to rebuild it
@@ -115,7 +115,7 @@ def test_diode_accounts_whole_and_partial_losses_exactly(tmp_path: Path, pki: Ce
                 receiver.handle(share)
                 receiver.handle(share)  # and every datagram twice: duplicates are ignored
             sent += n
-        receiver.handle(HEARTBEAT.pack(MAGIC, VERSION, KIND_HEARTBEAT, 1, 16, sent))
+        receiver.handle(encode_heartbeat(SENDER, key, 1, 16, sent))
         receiver.account(time.monotonic() + 60)
         assert receiver.lost_points == 250 + 50 + 80
         assert receiver.delivered_points == 100 + 300 + 120

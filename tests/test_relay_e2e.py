@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from flowline.core.spool import SpoolReader, SpoolWriter
 from flowline.lab.pki import CertificateAuthority
 from flowline.lab.services import InfluxDServer, wait_until
 from flowline.relay.body import encode_body
-from tests.relay_helpers import FLOWLINE, RelayRig, points
+from tests.relay_helpers import FLOWLINE, RelayRig, points, unacked_points
 
 
 @pytest.fixture
@@ -26,6 +27,7 @@ def rig(tmp_path: Path, pki: CertificateAuthority, influx: InfluxDServer, influx
 
 
 def test_points_land_in_influxdb_exactly_once(rig: RelayRig) -> None:
+    tap = rig.tap_writes()  # InfluxDB keeps one copy of a rewritten point: count at the writer
     with rig.ot_spool() as spool:
         for i in range(10):
             spool.append_points(points(5000, start_ns=1_700_000_000_000_000_000 + i * 5_000_000_000))
@@ -43,16 +45,21 @@ def test_points_land_in_influxdb_exactly_once(rig: RelayRig) -> None:
         print(rig.logs())
         raise
     assert rig.count() == 50_000
+    wait_until(lambda: tap.ledger().unique == 50_000, 10, "the writer's ledger to show 50,000 points")
+    ledger = tap.ledger()
+    # Without a fault nothing may be written twice: the writer posted each point exactly once.
+    assert (ledger.written, ledger.unique) == (50_000, 50_000), f"written {ledger.written}, unique {ledger.unique}"
 
 
 def test_kill_9_of_gateway_sender_and_writer_loses_nothing(rig: RelayRig) -> None:
     rng = random.Random(99)
+    tap = rig.tap_writes()
     procs = {
         "dmz": rig.start_gateway(),
         "writer": rig.start("writer", "--config", str(rig.dmz_path)),
         "ot": rig.start("ot", "--config", str(rig.ot_path)),
     }
-    total = 0
+    total = replayable = 0
     with rig.ot_spool() as spool:
         for round_ in range(6):
             for _ in range(4):
@@ -61,7 +68,12 @@ def test_kill_9_of_gateway_sender_and_writer_loses_nothing(rig: RelayRig) -> Non
             time.sleep(rng.uniform(0.05, 0.6))  # let the pipeline get somewhere, then pull the plug
             victim = ("dmz", "ot", "writer")[round_ % 3]
             procs[victim].kill()
-            procs[victim].wait()
+            # -9 proves the process was alive when the fault hit (not already gone by itself).
+            assert procs[victim].wait() == -signal.SIGKILL, rig.logs()
+            if victim == "writer":
+                replayable += unacked_points(rig.dmz.spool_dir("dmz"), relay_bodies=True)
+            elif victim == "dmz":  # killed between storing a batch and noting its sequence: stored twice
+                replayable += unacked_points(rig.ot.spool_dir("opcua"), relay_bodies=False)
             procs[victim] = (
                 rig.start_gateway()
                 if victim == "dmz"
@@ -69,10 +81,18 @@ def test_kill_9_of_gateway_sender_and_writer_loses_nothing(rig: RelayRig) -> Non
             )
     try:
         wait_until(lambda: rig.count() == total, 90, f"all {total} points in InfluxDB")
+        wait_until(lambda: tap.ledger().unique == total, 10, f"the writer's ledger to show {total} points")
     except TimeoutError:
         print(rig.logs())
         raise
-    assert rig.count() == total  # nothing lost; replays rewrote the same series + timestamps
+    ledger = tap.ledger()
+    print(f"\nkill -9: {total} points, written {ledger.written}, duplicates {ledger.duplicates}")
+    assert rig.count() == total
+    # At least once: a killed writer rewrites only what it had not acknowledged in the DMZ spool; a
+    # killed gateway at most the batch in flight (still unacknowledged in the OT spool); a killed
+    # sender nothing (the gateway acknowledges a replayed sequence without storing it again).
+    replayable += tap.unanswered_points  # InfluxDB took them, the killed writer never heard
+    assert ledger.duplicates <= replayable, f"{ledger.duplicates} duplicates, at most {replayable} replayable"
 
 
 def test_cli_help_and_bad_config(tmp_path: Path) -> None:

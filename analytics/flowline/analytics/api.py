@@ -20,12 +20,22 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from flowline.analytics.assess import Assessment, SeriesSpec, assess_series
+from flowline.analytics.backtest import good_values
+from flowline.analytics.job import not_assessed_note
 from flowline.analytics.rules import AssessmentRules, Flag
 from flowline.core.config import HistorianConfig
-from flowline.core.points import Quality
 from flowline.historian.query import HistorianReader
+from flowline.inventory import Site
 
-__all__ = ["Assessment", "SeriesSpec", "assess", "load_history", "plot_assessment", "write_report_png"]
+__all__ = [
+    "Assessment",
+    "SeriesSpec",
+    "assess",
+    "load_history",
+    "plot_assessment",
+    "report_figure",
+    "write_report_png",
+]
 
 
 def load_history(
@@ -57,20 +67,25 @@ def assess(
     end: pd.Timestamp | None = None,
 ) -> Assessment:
     """The job's assessment; a DataFrame with a ``quality`` column is reduced to good values first."""
-    if isinstance(history, pd.DataFrame):
-        if "quality" in history:
-            history = history[history["quality"] == int(Quality.GOOD)]
-        history = history["value"]
-    return assess_series(history, spec, rules, end)
+    return assess_series(good_values(history), spec, rules, end)
 
 
-def plot_assessment(a: Assessment, ax: Any = None) -> Any:
-    """History, forecast with its prediction band, and the alarm limit; returns the figure."""
+def _asset_label(a: Assessment, site: Site | None) -> str:
+    """``P-102 Crude export pump B (criticality A)``, from the site file when there is one."""
+    asset = site.assets_by_id.get(a.spec.asset) if site is not None else None
+    name = f" {asset.name}" if asset is not None else ""
+    return f"{a.spec.asset}{name} (criticality {a.spec.criticality})"
+
+
+def plot_assessment(a: Assessment, ax: Any = None, site: Site | None = None) -> Any:
+    """History, forecast with its prediction band, the alarm limit and the assessment time; returns
+    the figure. With the site file the title names the asset."""
     if ax is None:
         fig = Figure(figsize=(10, 4))
         ax = fig.subplots()
     else:
         fig = ax.figure
+    unit = a.spec.unit or ""
     if a.history is not None:
         ax.plot(a.history.index, a.history.to_numpy(), color="tab:blue", lw=1, label="history")
     if a.forecast is not None:
@@ -79,33 +94,77 @@ def plot_assessment(a: Assessment, ax: Any = None) -> Any:
         ax.fill_between(f.index, f["lower"].to_numpy(), f["upper"].to_numpy(), color="tab:orange", alpha=0.25,
                         label="prediction interval")
     if a.alarm_limit is not None:
-        ax.axhline(a.alarm_limit, color="tab:red", ls="--", lw=1, label=f"alarm limit {a.alarm_limit:g}")
-    ax.axvline(a.assessed_at, color="grey", lw=0.8)
-    when = f", alarm in {a.hours_to_alarm:.0f} h" if a.hours_to_alarm is not None else ""
+        label = f"alarm limit {a.alarm_limit:g} {unit}".rstrip()
+        ax.axhline(a.alarm_limit, color="tab:red", ls="--", lw=1, label=label)
+    ax.axvline(a.assessed_at, color="grey", lw=0.8, label=f"now (assessed {a.assessed_at:%Y-%m-%d %H:%M} UTC)")
+    ax.annotate("now", (a.assessed_at, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                textcoords="offset points", color="grey", fontsize="small")
+    when = f", alarm in {a.hours_to_alarm:.0f} h" if a.hours_to_alarm is not None else ", no crossing forecast"
     ax.set_title(
-        f"{a.spec.asset} {a.spec.tag}: {a.flag.name} (health {a.health_score:.0f}, "
-        f"p_cross {a.p_cross:.2f}{when})"
+        f"{_asset_label(a, site)} {a.spec.tag}: {a.flag.name} (health {a.health_score:.0f}, "
+        f"P(cross) {a.p_cross:.2f}{when})",
+        fontsize="medium",
     )
-    ax.set_ylabel(a.spec.unit or "")
+    ax.set_ylabel(unit)
     ax.legend(loc="upper left", fontsize="small")
     fig.autofmt_xdate()
     return fig
 
 
-def write_report_png(assessments: Sequence[Assessment], path: str | Path, min_flag: Flag = Flag.DEGRADING) -> int:
-    """One panel per assessment at or above ``min_flag`` (worst first) in one PNG; returns the count.
-    With nothing flagged the PNG says so, so a report always exists."""
-    chosen = sorted(
-        (a for a in assessments if a.result == "ok" and a.flag >= min_flag), key=lambda a: (-int(a.flag), -a.risk)
-    )
-    rows = max(1, len(chosen))
-    fig = Figure(figsize=(10, 3.2 * rows))
-    axes = fig.subplots(rows, 1, squeeze=False)
-    if not chosen:
-        axes[0][0].text(0.5, 0.5, f"no asset at {min_flag.name} or worse", ha="center", va="center")
-        axes[0][0].set_axis_off()
-    for a, row in zip(chosen, axes, strict=False):
-        plot_assessment(a, row[0])
-    fig.tight_layout()
+def _page(fig: Figure, title: str, lines: Sequence[str]) -> None:
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.text(0.5, 0.62, title, ha="center", va="center", fontsize="large", weight="bold")
+    ax.text(0.5, 0.45, "\n".join(lines), ha="center", va="top", fontsize="medium")
+
+
+def write_report_png(
+    assessments: Sequence[Assessment],
+    path: str | Path,
+    min_flag: Flag = Flag.DEGRADING,
+    site: Site | None = None,
+    skipped_reason: str | None = None,
+) -> int:
+    """`report_figure` saved as a PNG at ``path``; returns how many assessments it plots."""
+    fig, plotted = report_figure(assessments, min_flag, site, skipped_reason)
     fig.savefig(path, dpi=90)
-    return len(chosen)
+    return plotted
+
+
+def report_figure(
+    assessments: Sequence[Assessment],
+    min_flag: Flag = Flag.DEGRADING,
+    site: Site | None = None,
+    skipped_reason: str | None = None,
+) -> tuple[Figure, int]:
+    """One panel per assessment at or above ``min_flag`` (worst first), and how many.
+
+    The header names the site and the assessment time. A report always exists: with nothing flagged
+    it says so; when nothing could be assessed (``skipped_reason``, or no series assessed) it says
+    the analysis was skipped and why, so an empty page is never mistaken for a healthy plant."""
+    ok = [a for a in assessments if a.result == "ok"]
+    chosen = sorted((a for a in ok if a.flag >= min_flag), key=lambda a: (-int(a.flag), -a.risk))
+    site_name = site.site if site is not None else (assessments[0].spec.site if assessments else "")
+    when = max((a.assessed_at for a in assessments), default=None)
+    stamp = f"{when:%Y-%m-%d %H:%M} UTC" if when is not None else "no assessment time"
+    fig = Figure(figsize=(10, 3.2 * max(1, len(chosen)) + 0.6))
+    fig.suptitle(f"Flowline reliability report: {site_name or 'unknown site'}, assessed {stamp}", weight="bold")
+    # Some series not assessed is not good news: said in red at the top of every page.
+    note = not_assessed_note(assessments) if ok else None
+    if note is not None:
+        fig.text(0.5, 1 - 0.45 / fig.get_figheight(), f"Analysis incomplete: {note}", ha="center", color="tab:red")
+    if skipped_reason is not None or not ok:
+        reasons = [skipped_reason] if skipped_reason else [f"{a.spec.key}: {a.result}: {a.reason}" for a in assessments]
+        _page(fig, "Analysis skipped: no tag was assessed", [*reasons[:12], *(["…"] if len(reasons) > 12 else [])]
+              or ["no forecast tag in the site file"])
+    elif not chosen:
+        lines = [f"{len(ok)} tags assessed, all below {min_flag.name}"]
+        if note is not None:
+            lines.append(f"Analysis incomplete: {note}: their assets' health is unknown")
+        _page(fig, f"No assessed series at {min_flag.name} or worse", lines)
+    else:
+        axes = fig.subplots(len(chosen), 1, squeeze=False)
+        for a, row in zip(chosen, axes, strict=False):
+            plot_assessment(a, row[0], site)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    return fig, len(chosen)

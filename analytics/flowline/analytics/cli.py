@@ -1,4 +1,5 @@
-"""``flowline analyze`` (the scheduled assessment job) and ``flowline detect`` (causal CSV scoring).
+"""``flowline analyze`` (the scheduled assessment job), ``flowline detect`` (causal CSV scoring) and
+``flowline export``.
 
 Only click is imported at module level: pandas, scipy, statsmodels and rich cost seconds to import
 and ``flowline detect --help`` (or a typo in an option) must answer at once. Each command imports
@@ -8,6 +9,7 @@ what it needs when it runs.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from flowline.analytics.job import PassReport
+    from flowline.inventory import Site
+
+log = logging.getLogger("flowline.analytics")
 
 
 def ranked_table(report: PassReport) -> Table:
@@ -89,10 +94,12 @@ def analyze(
     """
     from rich.console import Console
 
-    from flowline.analytics.job import historian_section, parse_duration, run_pass
+    from flowline.analytics.job import historian_section, not_assessed_note, parse_duration, run_pass
+    from flowline.core.cli import service_logging
     from flowline.core.config import load_config
     from flowline.core.errors import ConfigError
     from flowline.core.metrics import Metrics
+    from flowline.core.status import ProcessStatus
     from flowline.historian.errors import HistorianError
     from flowline.inventory import load_site
     from flowline.inventory.loader import SiteFileError
@@ -110,35 +117,61 @@ def analyze(
     if dask_scheduler and importlib.util.find_spec("distributed") is None:
         raise click.ClickException("--dask-scheduler needs Dask: pip install 'flowline[dask]'")
     metrics = Metrics("analytics", site.site, config.instance)
-    while True:
-        started = time.monotonic()
-        try:
-            with _progress(console) as progress:
-                report = run_pass(
-                    site, historian, config.analytics, metrics=metrics, workers=workers,
-                    dask_scheduler=dask_scheduler, progress=progress, collectors=config.collectors,
-                )
-        except HistorianError as exc:
-            if period is None:
-                raise click.ClickException(str(exc)) from exc
-            console.print(f"[red]pass failed, retrying next interval: {exc}[/red]")
-        else:
-            counts = report.counts()
-            console.print(ranked_table(report))
-            if report_path is not None:
-                from flowline.analytics.api import write_report_png  # matplotlib only when asked
+    if period is not None:
+        service_logging()
+    with ProcessStatus(config.data_dir, "analytics") as status:
+        while True:
+            started = time.monotonic()
+            try:
+                with _progress(console) as progress:
+                    report = run_pass(
+                        site, historian, config.analytics, metrics=metrics, workers=workers,
+                        dask_scheduler=dask_scheduler, progress=progress, collectors=config.collectors,
+                    )
+            except HistorianError as exc:
+                if report_path is not None:  # an empty report must say the analysis was skipped, and why
+                    from flowline.analytics.api import write_report_png
 
-                plotted = write_report_png(report.assessments, report_path)
-                click.echo(f"report: {plotted} flagged asset(s) plotted in {report_path}")
-            for a in report.failures():
-                click.echo(f"  {a.result}: {a.spec.key}: {a.reason}")
-            click.echo(
-                f"{counts['ok']} assessed, {counts['failed']} failed, {counts['skipped']} skipped; "
-                f"{report.events} flag events, {report.points_written} points written"
-            )
-        if period is None:
-            return
-        time.sleep(max(0.0, period - (time.monotonic() - started)))
+                    write_report_png([], report_path, site=site, skipped_reason=f"analysis skipped: {exc}")
+                status.connected(historian.url, "source", False, error=str(exc))
+                status.extra["last_pass"] = {"error": str(exc)}
+                if period is None:
+                    status.fail(f"analytics pass failed: {exc}")
+                    raise click.ClickException(str(exc)) from exc
+                log.error("analytics pass failed, retrying at the next interval: %s", exc)
+            else:
+                status.ok(historian.url, "source")
+                status.extra["last_pass"] = report.summary()
+                _print_pass(console, report, report_path, site)
+                if period is not None:  # a service: one timestamped line per pass in its log
+                    note = not_assessed_note(report.assessments)
+                    (log.warning if note else log.info)("analytics pass: %s", report.summary_line())
+            if period is None:
+                return
+            time.sleep(max(0.0, period - (time.monotonic() - started)))
+
+
+def _print_pass(console: Console, report: PassReport, report_path: Path | None, site: Site) -> None:
+    from flowline.analytics.job import not_assessed_note
+
+    counts = report.counts()
+    note = not_assessed_note(report.assessments)
+    if report.ranked():
+        console.print(ranked_table(report))
+    elif note is None:
+        console.print(f"No asset at WATCH or worse ({counts['ok']} series assessed).")
+    else:
+        console.print(f"No assessed series at WATCH or worse, but {note}: their assets' health is unknown.")
+    if report_path is not None:
+        from flowline.analytics.api import write_report_png  # matplotlib only when asked
+
+        plotted = write_report_png(report.assessments, report_path, site=site)
+        click.echo(f"report: {plotted} flagged asset(s) plotted in {report_path}")
+    for a in report.failures():
+        click.echo(f"  {a.result}: {a.spec.key}: {a.reason}")
+    click.echo(report.summary_line(with_note=False))
+    if note is not None:
+        console.print(f"[bold yellow]WARNING: {note}; the reasons are listed above.[/bold yellow]", highlight=False)
 
 
 @click.command()
@@ -189,3 +222,70 @@ def detect(
     scored.to_csv(out_path)
     counts = scored["flag"].value_counts().to_dict()
     click.echo(f"{len(scored)} rows scored -> {out_path}; flags: {counts}", err=True)
+
+
+@click.command()
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), default=None,
+    help="Flowline config YAML (default: $FLOWLINE_CONFIG, else .flowline-demo/flowline.yaml here or above).",
+)
+@click.option("--asset", "assets", multiple=True, help="Asset id (repeatable; default: every asset of the site).")
+@click.option("--tag", "tags", multiple=True, help="Tag name (repeatable; default: every tag of the assets).")
+@click.option("--start", default=None, help="Start time (ISO 8601; without offset: in --tz).")
+@click.option("--end", default=None, help="End time (default: now).")
+@click.option("--days", type=float, default=None, help="Days before --end when --start is not given (default 14).")
+@click.option(
+    "--resolution", type=click.Choice(["auto", "raw", "1m", "1h"]), default="auto", show_default=True,
+    help="auto: raw up to 2 days, 1-minute rollup up to 31 days, 1-hour beyond.",
+)
+@click.option(
+    "--quality", type=click.Choice(["good", "all"]), default="good", show_default=True,
+    help="good: good samples only; all: every sample with its quality column.",
+)
+@click.option("--wide", is_flag=True, help="One column per asset/tag instead of one row per value.")
+@click.option("--tz", default="UTC", show_default=True, help="Time zone of the output times and of naive inputs.")
+@click.option(
+    "--format", "file_format", type=click.Choice(["parquet", "csv"]), default=None,
+    help="Output format (default: from the --out suffix, .parquet or .csv).",
+)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output file.")
+def export(
+    config_path: Path | None, assets: tuple[str, ...], tags: tuple[str, ...], start: str | None, end: str | None,
+    days: float | None, resolution: str, quality: str, wide: bool, tz: str, file_format: str | None, out_path: Path,
+) -> None:
+    """Write tags of one or several assets to Parquet or CSV, streamed in chunks.
+
+    The same rows as `flowline.analytics.data.DataSource.load` (columns time, asset, tag, value,
+    quality; rollups add min, max, count), read window by window so memory stays bounded.
+
+    \b
+    Examples:
+      flowline export --asset P-102 --days 90 --out p102.parquet
+      flowline export --asset P-102 --asset E-201 --start 2026-01-01 --end 2026-01-08 --resolution 1m --out x.csv
+      flowline export --config /etc/flowline/flowline.yaml --asset P-102 --wide --tz Europe/Oslo --out p102.csv
+    """
+    from flowline.analytics.data import ParquetUnavailableError, connect
+    from flowline.core.errors import ConfigError
+    from flowline.historian.errors import HistorianError
+    from flowline.inventory.loader import SiteFileError
+
+    try:
+        source = connect(config_path)
+        started = time.monotonic()
+        plan = source.plan(
+            list(assets) or None, list(tags) or None, start=start, end=end, days=days,
+            resolution=resolution,  # type: ignore[arg-type]
+            quality=quality,  # type: ignore[arg-type]
+            tz=tz,
+        )
+        result = source.export(
+            out_path, plan, layout="wide" if wide else "long",
+            file_format=file_format,  # type: ignore[arg-type]
+            progress=sys.stderr.isatty(),
+        )
+    except (ConfigError, SiteFileError, HistorianError, ParquetUnavailableError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"{result.rows:,} rows ({len(plan.series)} tags, {plan.resolution}, {plan.start:%Y-%m-%d %H:%M} to "
+        f"{plan.end:%Y-%m-%d %H:%M} UTC) -> {out_path} ({result.format}) in {time.monotonic() - started:.1f} s"
+    )

@@ -35,7 +35,8 @@ from flowline.core.points import Point
 from flowline.historian.errors import HistorianError
 from flowline.historian.query import HistorianReader, quote_literal
 from flowline.historian.writer import HistorianWriter
-from flowline.inventory import Site, Tag
+from flowline.inventory import Site
+from flowline.inventory.rates import expected_per_hour, opcua_default_interval_ms
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ def health_point(a: Assessment) -> Point:
         fields["hours_to_alarm"] = float(a.hours_to_alarm)
     if a.alarm_limit is not None:
         fields["alarm_limit"] = float(a.alarm_limit)
+    # The engineering unit of alarm_limit and trend_per_day, so a dashboard row carries its own unit.
+    fields["unit"] = s.unit or ""
     return Point(
         "asset_health",
         {"site": s.site, "asset": s.asset, "tag": s.tag, "criticality": s.criticality},
@@ -193,28 +196,6 @@ def event_point(a: Assessment, previous: Flag) -> Point | None:
     )
 
 
-def opcua_default_interval_ms(opcua: OpcUaCollectorConfig | None) -> float:
-    """The OPC UA collector's sampling interval for tags without ``sampling_ms``; 0 ("as fast as the
-    server samples") is bounded in practice by the publishing interval, so that is used instead."""
-    if opcua is None:
-        defaults = OpcUaCollectorConfig.model_fields
-        sampling, publishing = defaults["sampling_interval_ms"].default, defaults["publishing_interval_ms"].default
-    else:
-        sampling, publishing = opcua.sampling_interval_ms, opcua.publishing_interval_ms
-    return float(sampling or publishing)
-
-
-def expected_per_hour(tag: Tag, opcua_interval_ms: float) -> float | None:
-    """Values per hour the tag should deliver, or None when nothing says (MQTT/Sparkplug without
-    ``expected_interval_s``). A deadband makes this an upper bound: unchanged values are not sent."""
-    if tag.expected_interval_s is not None:
-        return 3600.0 / tag.expected_interval_s
-    source = tag.source.opcua
-    if source is None:
-        return None
-    return 3_600_000.0 / (source.sampling_ms or opcua_interval_ms)
-
-
 def inventory_points(site: Site, timestamp_ns: int, opcua: OpcUaCollectorConfig | None = None) -> list[Point]:
     forecast = set((a.id, t.name) for a, t in site.forecast_tags())
     opcua_interval_ms = opcua_default_interval_ms(opcua)
@@ -254,6 +235,24 @@ def inventory_points(site: Site, timestamp_ns: int, opcua: OpcUaCollectorConfig 
 # --- the pass -------------------------------------------------------------------------------------
 
 
+def not_assessed_note(assessments: Sequence[Assessment]) -> str | None:
+    """``3 of 20 series not assessed (1 failed, 2 skipped)``, or None when every series was assessed.
+
+    A pass that skipped series is not good news: "no asset is degrading" would then only speak for
+    the series that were looked at. The job, the PNG report and the demo all print this instead.
+    """
+    if not assessments:
+        return "no series was assessed (the site has no forecast tags, or none matched)"
+    missing = [a for a in assessments if a.result != "ok"]
+    if not missing:
+        return None
+    failed = sum(a.result == "failed" for a in missing)
+    return (
+        f"{len(missing)} of {len(assessments)} series not assessed "
+        f"({failed} failed, {len(missing) - failed} skipped)"
+    )
+
+
 @dataclass
 class PassReport:
     assessed_at: pd.Timestamp
@@ -277,6 +276,26 @@ class PassReport:
 
     def failures(self) -> list[Assessment]:
         return [a for a in self.assessments if a.result != "ok"]
+
+    def summary_line(self, with_note: bool = True) -> str:
+        counts = self.counts()
+        note = not_assessed_note(self.assessments) if with_note else None
+        return (
+            f"{counts['ok']} assessed, {counts['failed']} failed, {counts['skipped']} skipped; "
+            f"{self.events} flag events, {self.points_written} points written" + (f"; WARNING: {note}" if note else "")
+        )
+
+    def summary(self) -> dict[str, object]:
+        """What the status file keeps of a pass (read by `flowline status` and the demo)."""
+        return {
+            "assessed_at": self.assessed_at.isoformat(),
+            **self.counts(),
+            "flagged": [
+                {"asset": a.spec.asset, "tag": a.spec.tag, "flag": a.flag.name} for a in self.ranked(Flag.DEGRADING)
+            ],
+            "not_assessed": not_assessed_note(self.assessments),
+            "reasons": [f"{a.result}: {a.spec.key}: {a.reason}" for a in self.failures()][:20],
+        }
 
 
 def historian_section(config_historian: HistorianConfig | None, analytics: AnalyticsConfig) -> HistorianConfig:

@@ -6,21 +6,27 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import click
 
+from flowline.core.cli import service_logging
 from flowline.core.config import FlowlineConfig, load_config
 from flowline.core.errors import ConfigError, DependencyError, FlowlineError
 from flowline.core.metrics import Metrics
+from flowline.core.status import ProcessStatus, link_summary
+
+log = logging.getLogger("flowline.collectors")
 
 STATUS_EVERY_S = 10.0
 
 
 class _Collector(Protocol):
     metrics: Metrics
+    status: ProcessStatus
 
     def start(self) -> None: ...
 
@@ -34,13 +40,21 @@ def _load(config_file: Path) -> FlowlineConfig:
         raise click.ClickException(str(exc)) from exc
 
 
+def status_line(name: str, metrics: Metrics, status: ProcessStatus) -> str:
+    """The periodic line: each source's connection state (and why it is down), then the counters."""
+    doc = status.document()
+    now = time.time()
+    links = "; ".join(link_summary(target, link, now) for target, link in doc["links"].items())
+    return (
+        f"{name}: {links or 'no source configured'}; in {metrics.total('points_in_total'):.0f} "
+        f"spooled {metrics.total('points_out_total'):.0f} rejected {metrics.total('rejected_total'):.0f} "
+        f"reconnects {metrics.total('reconnects_total'):.0f} "
+        f"connect attempts {metrics.total('connect_attempts_total'):.0f}"
+    )
+
+
 def _run(make: type[_Collector], config: FlowlineConfig, name: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # `flowline` already configured the root logger at WARNING (basicConfig above is then a no-op):
-    # a collector's connections and subscriptions are INFO and must show at default verbosity.
-    ours = logging.getLogger("flowline")
-    if ours.getEffectiveLevel() > logging.INFO:
-        ours.setLevel(logging.INFO)
+    service_logging()
     try:
         collector = make(config)  # type: ignore[call-arg]
     except (FlowlineError, ValueError) as exc:
@@ -49,16 +63,15 @@ def _run(make: type[_Collector], config: FlowlineConfig, name: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     collector.start()
-    click.echo(f"{name} collector running; spool {config.spool_dir(name)} (Ctrl-C to stop)", err=True)
+    collector.status.start()
+    log.info("%s collector running; spool %s (Ctrl-C to stop)", name, config.spool_dir(name))
     print(f"READY collector-{name} spool {config.spool_dir(name)}", flush=True)  # for supervisors, like every stage
-    m = collector.metrics
-    while not stop.wait(STATUS_EVERY_S):
-        click.echo(
-            f"{name}: in {m.total('points_in_total'):.0f} spooled {m.total('points_out_total'):.0f} "
-            f"rejected {m.total('rejected_total'):.0f} reconnects {m.total('reconnects_total'):.0f}",
-            err=True,
-        )
-    collector.stop()
+    try:
+        while not stop.wait(STATUS_EVERY_S):
+            log.info("%s", status_line(name, collector.metrics, collector.status))
+    finally:
+        collector.stop()
+        collector.status.stop()
     sys.exit(0)
 
 

@@ -24,6 +24,7 @@ from flowline.core.errors import FlowlineError
 from flowline.core.metrics import Metrics, MetricsReporter
 from flowline.core.points import TELEMETRY, FieldValue, Point, TagRef
 from flowline.core.spool import SpoolError, SpoolFullError, SpoolWriter, encode_points
+from flowline.core.status import ProcessStatus
 from flowline.inventory import load_site
 
 log = logging.getLogger(__name__)
@@ -366,6 +367,9 @@ class CollectorRuntime:
         self.rejects = Rejects(self.metrics, DeadLetterFile(config.data_dir / "deadletter" / f"{name}.jsonl", 32 << 20))
         # Metrics go through the same spool, but not the same counters: they are not telemetry.
         self.reporter = MetricsReporter(self.metrics, self._sink_metrics, config.metrics_interval_s)
+        # Brokers and servers are the sources; the file is written only once the CLI starts it.
+        self.status = ProcessStatus(config.data_dir, f"collector-{name}").watch(self.metrics, "source")
+        self.status.spool(name, config.spool_dir(name))
 
     def _sink_metrics(self, points: list[Point]) -> None:
         self.sink.submit_metrics(points)

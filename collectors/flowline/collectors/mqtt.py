@@ -19,10 +19,10 @@ messages take paho's own path (``on_message``), which keeps the exactly-once han
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +37,7 @@ from paho.mqtt.properties import Properties
 from flowline.collectors.common import CollectorRuntime, Rejected
 from flowline.collectors.mqtt_client import FastClient, Publish
 from flowline.collectors.mqtt_json import TopicMap, decode_json
+from flowline.collectors.mqtt_tls import tls_context
 from flowline.collectors.sparkplug import NAMESPACE, RejectedWithRebirth, SparkplugHost, rebirth_payload
 from flowline.core.config import FlowlineConfig, MqttCollectorConfig
 from flowline.core.errors import FlowlineError
@@ -45,6 +46,7 @@ from flowline.core.points import Point
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 86400  # how long the broker keeps our queued messages while we are down
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30  # paho's back-off: doubles from min to max, reset by a CONNACK
 
 
 class MqttCollectorError(FlowlineError):
@@ -59,6 +61,7 @@ class MqttCollector:
         self.runtime = CollectorRuntime(config, "mqtt", self.cfg.batch_max_points, self.cfg.batch_max_latency_ms / 1000)
         self.site = self.runtime.site
         self.metrics = self.runtime.metrics
+        self.status = self.runtime.status
         self.topics = TopicMap(self.site, self.cfg.topic_templates)
         self.host = SparkplugHost(self.site, self.cfg.timestamp_window_s, self.cfg.sparkplug_allow_rebirth)
         broker = self.cfg.broker
@@ -89,16 +92,11 @@ class MqttCollector:
             password = broker.password.read() if broker.password is not None else None
             client.username_pw_set(broker.username, password)
         if broker.tls is not None:
-            client.tls_set(
-                ca_certs=str(broker.tls.ca_file),
-                certfile=str(broker.tls.cert_file) if broker.tls.cert_file else None,
-                keyfile=str(broker.tls.key_file) if broker.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+            client.tls_set_context(tls_context(broker.tls))
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         if self.cfg.sparkplug_host_id:
             client.will_set(self._state_topic(), self._state_payload(False), qos=1, retain=True)
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -149,10 +147,12 @@ class MqttCollector:
 
     # --- callbacks (paho network thread) ---------------------------------------------------------
 
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self.metrics.inc("connect_attempts_total", target=self.target)
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            log.error("MQTT broker %s refused the connection: %s", self.target, reason)
-            self.metrics.set("connected", 0, target=self.target)
+            self._connect_failed(f"the broker refused the connection: {reason}")
             return
         with self._refuse_lock:
             self._refused_on_connection = self._reconnect_asked = False
@@ -170,23 +170,48 @@ class MqttCollector:
         self.connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
         self.metrics.set("connected", 0, target=self.target)
         if self._stopping:
             log.info("disconnected from %s", self.target)
         elif self._reconnect_asked:
             log.info("disconnected from %s for the redelivery; paho reconnects", self.target)
-        elif not self._tls_failed():
-            log.warning("disconnected from %s: %s; paho reconnects with back-off", self.target, reason)
+        elif self._tls_failed():
+            pass  # logged with what to check
+        elif not was_connected:
+            # paho closes a refused connection with "Protocol error": `_connect_failed` already said why
+            log.debug("connection to %s closed after the refusal (%s)", self.target, reason)
+        else:
+            self.status.connected(self.target, "source", False, error=f"disconnected: {reason}")
+            log.warning("disconnected from %s: %s; reconnecting with back-off", self.target, reason)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._tls_failed()
+        if self._tls_failed():
+            return
+        exc, self.client.connect_error = self.client.connect_error, None
+        self._connect_failed(_describe_os_error(exc) if exc is not None else "connection failed")
+
+    def _connect_failed(self, why: str) -> None:
+        """Say what failed, where, and that paho keeps trying; count it; the status file shows it."""
+        self.metrics.inc("connect_failures_total", target=self.target)
+        self.metrics.set("connected", 0, target=self.target)
+        attempts = int(self.metrics.counter("connect_attempts_total", target=self.target))
+        message = (
+            f"cannot connect to MQTT broker {self.target} (collectors.mqtt.broker): {why}; "
+            f"retrying with back-off ({RECONNECT_MIN_S} s doubling to {RECONNECT_MAX_S} s between attempts; "
+            f"attempt {attempts} failed)"
+        )
+        self.status.connected(self.target, "source", False, error=why)
+        log.error("%s", message)
 
     def _tls_failed(self) -> bool:
         """Log and keep a TLS failure paho swallowed, saying what to check; False if there was none."""
         exc, self.client.tls_error = self.client.tls_error, None
         if exc is None:
             return False
+        self.metrics.inc("connect_failures_total", target=self.target)
+        self.status.connected(self.target, "source", False, error=f"TLS: {exc}")
         self.last_error = MqttCollectorError(
             f"TLS connection to MQTT broker {self.target} failed: {exc}; check collectors.mqtt.broker.tls: "
             "ca_file must hold the broker's CA, and a broker that requires client certificates needs "
@@ -198,6 +223,7 @@ class MqttCollector:
     def _on_publish_batch(self, batch: list[Publish]) -> None:
         """QoS 0/1 messages of one socket read: their points go to the spool as one item, and the
         QoS 1 ones are acknowledged together once that item is durable."""
+        self.status.ok(self.target, "source")
         points: list[Point] = []
         for message in batch:
             points += self._decode_or_reject(message.topic, message.payload)
@@ -297,3 +323,11 @@ class MqttCollector:
             self.runtime.rejects.unknown_source("mqtt", topic)
             raise Rejected("unknown_topic", "no site tag for this topic")
         return decode_json(payload, targets, self.cfg.timestamp_window_s)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """``connection refused (ECONNREFUSED)``: the reason without Python's ``[Errno 111]`` noise."""
+    if exc.errno is not None and exc.strerror:
+        name = errno.errorcode.get(exc.errno)
+        return f"{exc.strerror.lower()} ({name})" if name else exc.strerror.lower()
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

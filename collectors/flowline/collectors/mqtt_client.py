@@ -116,6 +116,8 @@ class FastClient(mqtt.Client):
     on_publish_batch: Callable[[list[Publish]], None] | None = None
     # paho only logs a TLS failure at debug level and reports "Unspecified error": keep it for the collector
     tls_error: ssl.SSLError | None = None
+    # paho swallows why a connection attempt failed (refused, unreachable, DNS): keep it to report
+    connect_error: OSError | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -128,6 +130,9 @@ class FastClient(mqtt.Client):
             return super().reconnect()
         except ssl.SSLError as exc:  # handshake refused (e.g. TLS 1.2 without a client certificate)
             self.tls_error = exc
+            raise
+        except OSError as exc:
+            self.connect_error = exc
             raise
 
     def ack_many(self, mids: list[int]) -> None:

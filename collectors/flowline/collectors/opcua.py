@@ -178,6 +178,7 @@ class ServerSession:
         self._refusal_backfill: asyncio.Task[None] | None = None
         runtime.sink.on_accepting(self._spool_accepting)
         self._told: str | None = None  # the failure last logged, not repeated until something changes
+        self._failures_seen = 0.0  # connect failures counted before the last successful connect
 
     def _tell(self, level: int, message: str) -> None:
         """One line per event: a retry that fails the same way again is logged at DEBUG only."""
@@ -196,25 +197,27 @@ class ServerSession:
                 timeout=self.cfg.keepalive_timeout_s,
                 watchdog_intervall=self.cfg.keepalive_timeout_s / 2,
             )
+            self.metrics.inc("connect_attempts_total", target=self.target)
             try:
                 await self._connect(client, lost)
                 delay = self.cfg.reconnect_min_s
                 self._told = None
+                self._failures_seen = self.metrics.counter("connect_failures_total", target=self.target)
                 await _wait_any(stop, lost)
                 if not stop.is_set():
                     log.warning("OPC UA session to %s (%s) lost; reconnecting", self.name, self.target)
             except OpcUaSecurityError as exc:
-                self.last_error = exc
+                self._failed(exc)
                 self._tell(logging.ERROR, str(exc))
             except (TimeoutError, OSError, UaError, ConnectionError) as exc:
-                self.last_error = exc
+                self._failed(exc)
                 self._tell(
                     logging.WARNING,
                     f"OPC UA server {self.name} ({self.target}) unavailable: {type(exc).__name__}: {exc}".rstrip(": ")
                     + f"; retrying with back-off ({self.cfg.reconnect_min_s:g} to {self.cfg.reconnect_max_s:g} s)",
                 )
             except Exception as exc:
-                self.last_error = exc
+                self._failed(exc)
                 log.exception("OPC UA session to %s (%s) failed", self.name, self.target)
             finally:
                 self._client = None
@@ -226,8 +229,25 @@ class ServerSession:
             if stop.is_set():
                 return
             # full jitter: replicas restarting together do not hammer the server in lock-step
-            await _sleep_or_stop(stop, random.uniform(delay / 2, delay))
+            wait = random.uniform(delay / 2, delay)
+            attempts = self.metrics.counter("connect_attempts_total", target=self.target)
+            # The first retry of an outage is a WARNING; later ones are DEBUG (one line per event): the
+            # status file and the periodic status line keep counting the attempts.
+            failures_in_a_row = self.metrics.counter("connect_failures_total", target=self.target) - self._failures_seen
+            log.log(
+                logging.WARNING if failures_in_a_row <= 1 else logging.DEBUG,
+                "OPC UA %s (%s): retrying in %.1f s (back-off up to %g s; attempt %d failed)",
+                self.name, self.target, wait, self.cfg.reconnect_max_s, attempts,
+            )  # fmt: skip
+            await _sleep_or_stop(stop, wait)
             delay = min(delay * 2, self.cfg.reconnect_max_s)
+
+    def _failed(self, exc: Exception) -> None:
+        """Keep and count why the session failed or ended; the status file shows it on the link."""
+        self.last_error = exc
+        if not self.connected.is_set():
+            self.metrics.inc("connect_failures_total", target=self.target)
+        self.runtime.status.connected(self.target, "source", False, error=f"{type(exc).__name__}: {exc}"[:300])
 
     async def _connect(self, client: Client, lost: asyncio.Event) -> None:
         await apply_security(client, self.endpoint, self.name, self.rejected_dir, self.cfg.keepalive_timeout_s)
@@ -275,9 +295,23 @@ class ServerSession:
             self.name, self.target, sec.policy, sec.mode, len(self._by_handle),
         )  # fmt: skip
         if self.connections > 1 and self.cfg.history_backfill:
-            # the first live notifications mark where the backfill must stop (no duplicates)
-            await asyncio.sleep(2 * self.cfg.publishing_interval_ms / 1000)
+            await self._await_first_live([t for t in self.tags if gap_start.get(id(t)) is not None])
             await self._backfill(client, gap_start, outage_end)
+
+    async def _await_first_live(self, tags: list[MonitoredTag]) -> None:
+        """Wait for each tag's first live value after a gap: it is where the tag's backfill must stop.
+
+        A fixed pause is not enough on a loaded host: a backfill read before the first notification
+        arrived would read up to "now" and store that value twice (once as backfill). The server
+        sends every new monitored item's current value, so the wait ends quickly; it is bounded for
+        items that never report (their backfill then ends at the reconnect).
+        """
+        interval_s = self.cfg.publishing_interval_ms / 1000
+        await asyncio.sleep(2 * interval_s)
+        for _ in range(int(max(5.0, 10 * interval_s) / 0.05)):  # polled: set by the notification path
+            if all(t.resumed_ts_ns is not None for t in tags):
+                return
+            await asyncio.sleep(0.05)
 
     async def _mismatch(self, refusal: str) -> OpcUaSecurityError:
         """A configuration error naming the settings, and what the server offers instead."""
@@ -461,6 +495,7 @@ class ServerSession:
         self._flush_scheduled = False
         if self._pending:
             points, self._pending = self._pending, []
+            self.runtime.status.ok(self.target, "source")
             if self.runtime.sink.try_submit(points):
                 if self._refused_from:
                     self._note_resumed(points)
@@ -641,6 +676,7 @@ class OpcUaCollectorProcess:
     def __init__(self, config: FlowlineConfig) -> None:
         self.collector = OpcUaCollector(config)
         self.metrics = self.collector.metrics
+        self.status = self.collector.runtime.status
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
         self._thread = threading.Thread(target=self._main, name="opcua-collector", daemon=True)

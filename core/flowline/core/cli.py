@@ -14,11 +14,33 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import time
 from typing import Any, NamedTuple
 
 import click
 
 from flowline.core import __version__
+from flowline.core.errors import FlowlineError, NeedsOperatorError, network_reason
+
+# Every log line starts with its time in UTC (ISO 8601), whatever the host's time zone: logs of the
+# OT, DMZ and IT hosts are read side by side.
+LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: int) -> None:
+    """Log to stderr with UTC timestamps (a no-op when logging is already set up)."""
+    formatter = logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def service_logging() -> None:
+    """Long-running services log their connections and status lines at INFO, also without ``-v``."""
+    configure_logging(logging.WARNING)  # when started as ``python -m flowline.relay``, not through `main`
+    if logging.getLogger("flowline").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("flowline").setLevel(logging.INFO)
 
 
 class LazyCommand(NamedTuple):
@@ -84,17 +106,41 @@ COMMANDS: dict[str, LazyCommand] = {
         "flowline-plant-analytics",
         "IT",
     ),
+    "export": LazyCommand(
+        "flowline.analytics.cli:export",
+        "Write tags of one or several assets to Parquet or CSV, streamed in chunks.",
+        "flowline-plant-analytics",
+        "IT",
+    ),
     "historian": LazyCommand(
         "flowline.historian.cli:historian",
         "The InfluxDB historian: set-up, rollups, dead letters.",
         "flowline-plant-historian",
         "IT",
     ),
+    "lab": LazyCommand(
+        "flowline.lab.labstack:lab",
+        "A three-zone network lab (namespaces, nftables) running the demo's site, for reviewers and tests.",
+        "flowline-plant-lab",
+        "lab (development and demo)",
+    ),
     "relay": LazyCommand(
         "flowline.relay.cli:relay",
         "OT sender and DMZ gateway (mutual TLS, signed batches), writer, and strict diode mode.",
         "flowline-plant-relay",
         "OT and DMZ",
+    ),
+    "stack": LazyCommand(
+        "flowline.lab.demo:stack",
+        "The demo stack kept running for notebooks and exports: up, status, down.",
+        "flowline-plant-lab",
+        "lab (development and demo)",
+    ),
+    "status": LazyCommand(
+        "flowline.core.status_cli:status",
+        "Show every Flowline process's health from its status file: connections, spool depth, last error.",
+        "flowline-plant-core",
+        "every",
     ),
     "sim": LazyCommand(
         "flowline.lab.sim.cli:sim",
@@ -105,8 +151,45 @@ COMMANDS: dict[str, LazyCommand] = {
 }
 
 
+def _failed_command(ctx: click.Context, exc: BaseException) -> str:
+    """``dashboards provision``: the deepest command on the way to the exception (click keeps no
+    child context on its parent, but every ``invoke`` frame of the traceback holds its own)."""
+    path = ctx.command_path
+    tb = exc.__traceback__
+    while tb is not None:
+        frame_ctx = tb.tb_frame.f_locals.get("ctx")
+        if isinstance(frame_ctx, click.Context):
+            path = frame_ctx.command_path
+        tb = tb.tb_next
+    return path.partition(" ")[2] or path
+
+
+def explain(exc: Exception) -> tuple[str, bool]:
+    """A one-line message for an exception that reached the entry point, and whether it was foreseen.
+
+    Flowline's own exception classes carry messages written for the person running the command
+    (what failed, where, what to check), and so do the operating system's (a file, a port, a
+    permission) and the HTTP client's: those are foreseeable conditions and need no traceback.
+    Anything else is a bug or a case nobody foresaw: one line, and ``-v`` shows the traceback.
+    """
+    kind = type(exc)
+    if isinstance(exc, FlowlineError) or kind.__module__.split(".")[0] == "flowline":
+        return str(exc) or kind.__name__, True
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}", True
+    if kind.__module__.split(".")[0] in ("requests", "niquests", "urllib3"):
+        return f"network error: {network_reason(exc)}", True
+    return f"unexpected error: {kind.__name__}: {exc}", False
+
+
 class LazyGroup(click.Group):
-    """A click group whose subcommands in ``lazy`` are imported on first use."""
+    """A click group whose subcommands in ``lazy`` are imported on first use.
+
+    It is also the one place where an exception that no command handled ends: as one line on
+    stderr and exit status 1 (2 when a person must fix the configuration), never as a traceback
+    (unless ``-v`` asks for it).
+    """
 
     def __init__(self, *args: Any, lazy: dict[str, LazyCommand], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -129,6 +212,23 @@ class LazyGroup(click.Group):
                 raise TypeError(f"{self.lazy[cmd_name].target} is not a click command")
             self.add_command(command, cmd_name)
         return super().get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own: already a clean message and exit status
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            if ctx.params.get("verbose"):
+                raise  # -v: the full traceback, for a bug report
+            message, foreseen = explain(exc)
+            where = _failed_command(ctx, exc)
+            hint = "" if foreseen else f" (run 'flowline -v {where} ...' to see the traceback)"
+            click.echo(f"Error: flowline {where}: {message}{hint}", err=True)
+            ctx.exit(2 if isinstance(exc, NeedsOperatorError) else 1)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list of ``--help`` without importing the commands (same layout as click's)."""
@@ -193,4 +293,4 @@ def main(verbose: int) -> None:
       flowline collect mqtt --config flowline.yaml
     """
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(max(level, logging.DEBUG))

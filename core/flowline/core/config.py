@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flowline.core.errors import ConfigError
 from flowline.core.secrets import SecretRef
@@ -83,18 +83,32 @@ class OpcUaCollectorConfig(_Section):
 
 
 class MqttBrokerConfig(_Section):
+    """``tls`` is required: plain MQTT only with ``insecure_plain: true``, said in the config itself."""
+
     host: str = "127.0.0.1"
     port: int = 8883
     tls: TlsClientConfig | None = None
+    insecure_plain: bool = False  # passwords and values in clear text: test brokers only
     username: str | None = None
     password: SecretRef | None = None
     client_id: str = "flowline-collector"
     protocol: Literal["3.1.1", "5"] = "5"
     keepalive_s: int = Field(default=30, gt=0)
 
+    @model_validator(mode="after")
+    def _tls_or_explicitly_plain(self) -> MqttBrokerConfig:
+        if self.tls is None and not self.insecure_plain:
+            raise ValueError(
+                "no tls: MQTT without TLS sends passwords and values in clear text; add tls {ca_file: ...}, "
+                "or 'insecure_plain: true' for a test broker"
+            )
+        if self.tls is not None and self.insecure_plain:
+            raise ValueError("tls and insecure_plain: true contradict each other; remove insecure_plain")
+        return self
+
 
 class MqttCollectorConfig(_Section):
-    broker: MqttBrokerConfig = MqttBrokerConfig()
+    broker: MqttBrokerConfig
     qos: Literal[0, 1, 2] = 1
     clean_start: bool = False
     shared_group: str | None = None
@@ -148,10 +162,24 @@ class RelayDmzConfig(_Section):
     max_body_bytes: int = Field(default=256 << 20, gt=0)  # after decompression
     handshake_timeout_s: float = Field(default=10, gt=0)
     idle_timeout_s: float = Field(default=300, gt=0)
+    max_connections: int = Field(default=256, gt=0)  # more are closed at once (counted, audited)
+    max_handshakes_per_source: int = Field(default=16, gt=0)  # TLS handshakes in progress per peer address
+    # Security events: the first per (reason, sender, source) and interval is logged and audited at
+    # once, repeats are counted and written as one line with their count when the interval ends.
+    security_event_interval_s: float = Field(default=60, gt=0)
+    audit_max_bytes: int = Field(default=16 << 20, gt=0)  # audit.jsonl rotates at this size
+    audit_keep_files: int = Field(default=5, ge=1)  # rotated files kept: audit.jsonl.1 .. .N
     # Diode mode (``flowline relay diode-receive``)
     diode_listen_host: str = "0.0.0.0"
     diode_listen_port: int = 7444
     diode_gap_timeout_s: float = Field(default=5, gt=0)  # a block still incomplete after this is lost
+    diode_max_datagram_bytes: int = Field(default=9000, ge=256, le=65507)  # larger ones are refused
+    diode_queue_datagrams: int = Field(default=8192, gt=0)  # between the socket thread and the decoder
+    diode_max_pending_bytes: int = Field(default=256 << 20, gt=0)  # shares of batches not yet rebuilt
+    diode_sessions_per_sender: int = Field(default=2, ge=1)  # a restarted sender opens a new session
+    # Source addresses the diode's datagrams come from (its output side); others are dropped by the
+    # socket thread before any parsing. Empty: any source (authentication still applies to all).
+    diode_allowed_sources: list[str] = []
 
 
 class HistorianConfig(_Section):
@@ -196,6 +224,13 @@ class AnalyticsConfig(_Section):
     rules: dict[str, Any] = {}
 
 
+class RollupConfig(_Section):
+    """``flowline historian rollup``: it reads telemetry and writes the rollup tiers, which the DMZ
+    writer's account (write only) cannot do; give it the ``rollup`` role's account here."""
+
+    historian: HistorianConfig | None = None  # defaults to the main historian section
+
+
 class FlowlineConfig(_Section):
     site_file: Path
     data_dir: Path = Path("/var/lib/flowline")
@@ -207,6 +242,7 @@ class FlowlineConfig(_Section):
     relay_dmz: RelayDmzConfig | None = None
     historian: HistorianConfig | None = None
     analytics: AnalyticsConfig = AnalyticsConfig()
+    rollup: RollupConfig = RollupConfig()
 
     def spool_dir(self, name: str) -> Path:
         return self.data_dir / "spool" / name

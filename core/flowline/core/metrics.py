@@ -15,6 +15,8 @@ from collections.abc import Callable
 from flowline.core.points import Point
 
 LabelKey = tuple[tuple[str, str], ...]
+# Called after every gauge update with (name, value, labels): how the status file follows connections.
+GaugeListener = Callable[[str, float, dict[str, str]], None]
 
 
 class Metrics:
@@ -23,6 +25,14 @@ class Metrics:
         self._counters: dict[tuple[str, LabelKey], float] = {}
         self._gauges: dict[tuple[str, LabelKey], float] = {}
         self._lock = threading.Lock()
+        self._listeners: list[GaugeListener] = []
+
+    def add_listener(self, listener: GaugeListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: GaugeListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     @staticmethod
     def _key(name: str, labels: dict[str, str]) -> tuple[str, LabelKey]:
@@ -36,6 +46,8 @@ class Metrics:
     def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:
             self._gauges[self._key(name, labels)] = float(value)
+        for listener in self._listeners:
+            listener(name, float(value), labels)
 
     def counter(self, name: str, **labels: str) -> float:
         with self._lock:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flowline.core.errors import FlowlineError
+from flowline.historian.query import quote_literal
 
 JSON = dict[str, Any]
 Fill = Literal["null", "none", "previous", "0"]
@@ -91,8 +92,33 @@ class Match:
         if self.regex is not None:
             return f"{quote_ident(self.tag)} =~ /{self.regex}/"
         if self.value is not None:
-            return f"{quote_ident(self.tag)} = '{self.value}'"
+            return f"{quote_ident(self.tag)} = {quote_literal(self.value)}"
         raise DashboardBuildError(f"condition on {self.tag!r} has nothing to match")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.tag,)
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """``(("asset" = 'P-101' AND "tag" = 'flow') OR ...)``: exact (asset, tag) pairs from the site file,
+    where two regexes would also match the pairs' cross product."""
+
+    pairs: Sequence[tuple[str, str]]
+    keys: tuple[str, ...] = ("asset", "tag")
+
+    def render(self) -> str:
+        if not self.pairs:
+            raise DashboardBuildError("an AnyOf condition needs at least one pair")
+        terms = (
+            " AND ".join(f"{quote_ident(k)} = {quote_literal(v)}" for k, v in zip(self.keys, pair, strict=True))
+            for pair in self.pairs
+        )
+        return "(" + " OR ".join(f"({t})" for t in terms) + ")"
+
+
+Condition = Match | AnyOf
 
 
 @dataclass(frozen=True)
@@ -100,18 +126,21 @@ class Select:
     """``SELECT cols FROM [rp.]measurement WHERE $timeFilter AND matches GROUP BY [time], tags``.
 
     ``retention_policy`` addresses the rollup tiers (``"rollup_1h"."telemetry_1h"``): a retention
-    policy on 1.x, the DBRP-mapped bucket ``<db>/<rp>`` on 2.x.
+    policy on 1.x, the DBRP-mapped bucket ``<db>/<rp>`` on 2.x. ``since`` replaces the dashboard's
+    time range by a fixed look-back (``time > now() - 7d``), for panels that must see what the
+    range hides: a tag that went silent before the range began, an inventory written once a day.
     """
 
     measurement: str
     cols: Sequence[Col]
-    where: Sequence[Match] = ()
+    where: Sequence[Condition] = ()
     group_by: Sequence[str] = ()
     by_time: bool = False
     fill: Fill | None = None
     order_desc: bool = False
     limit: int | None = None
     retention_policy: str | None = None
+    since: str | None = None
 
     @property
     def source(self) -> str:
@@ -123,7 +152,8 @@ class Select:
         if not self.cols:
             raise DashboardBuildError(f"query on {self.measurement} selects nothing")
         parts = [f"SELECT {', '.join(c.render() for c in self.cols)} FROM {self.source}"]
-        parts.append("WHERE " + " AND ".join(["$timeFilter", *(m.render() for m in self.where)]))
+        window = "$timeFilter" if self.since is None else f"time > now() - {self.since}"
+        parts.append("WHERE " + " AND ".join([window, *(m.render() for m in self.where)]))
         groups = (["time($__interval)"] if self.by_time else []) + [quote_ident(t) for t in self.group_by]
         if groups:
             parts.append("GROUP BY " + ", ".join(groups))
@@ -142,7 +172,7 @@ class Select:
     @property
     def tags(self) -> frozenset[str]:
         selected = (c.field for c in self.cols if c.is_tag)
-        return frozenset([*self.group_by, *(m.tag for m in self.where), *selected])
+        return frozenset([*self.group_by, *(k for m in self.where for k in m.keys), *selected])
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -183,6 +213,7 @@ class TagValues:
     depends_on: Sequence[str] = ()  # tag keys that are also variables of the same name
     multi: bool = False
     include_all: bool = False
+    hide: Literal[0, 1, 2] = 0  # 2: not shown, only used in titles and queries
 
     @property
     def query(self) -> str:
@@ -203,6 +234,7 @@ class TagValues:
             "sort": 1,
             "multi": self.multi,
             "includeAll": self.include_all,
+            "hide": self.hide,
         }
 
 

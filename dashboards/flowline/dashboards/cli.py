@@ -9,15 +9,19 @@ import click
 from grafana_client.client import GrafanaClientError
 from rich.console import Console
 
+from flowline.core.config import FlowlineConfig, load_config
+from flowline.core.errors import ConfigError
 from flowline.core.secrets import SecretError, SecretRef
+from flowline.dashboards.alerting import TEAMS, AlertingProvisioner, alert_rules, alerting_yaml
 from flowline.dashboards.annotations import push_flag_changes, read_flag_changes
-from flowline.dashboards.definitions import RELIABILITY_UID
-from flowline.dashboards.export import export, render_all
+from flowline.dashboards.definitions import DEFAULT_HORIZON_HOURS, RELIABILITY_UID
+from flowline.dashboards.export import PACKAGED_ALERTING, export, render_all
 from flowline.dashboards.provision import (
     INFLUX_VERSIONS,
     GrafanaProvisioner,
     InfluxCredentials,
     ProvisionError,
+    ProvisionReport,
     datasource_model,
     write_provisioning,
 )
@@ -39,6 +43,39 @@ def _site(path: Path | None) -> Site | None:
         raise click.ClickException(str(exc)) from exc
 
 
+def _config(path: Path | None) -> FlowlineConfig | None:
+    if path is None:
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _site_of(site_file: Path | None, config: FlowlineConfig | None) -> Site | None:
+    """--site, else the config's site file; without either, say what the dashboards will lack."""
+    site = _site(site_file or (config.site_file if config is not None else None))
+    if site is None:
+        console.print(
+            "[yellow]No site file (--site or --config): the operations centre has no production panels and "
+            "no alarm bands, and no alert rules are generated.[/yellow]"
+        )
+    return site
+
+
+def _horizon(config: FlowlineConfig | None) -> float:
+    return config.analytics.horizon_hours if config is not None else DEFAULT_HORIZON_HOURS
+
+
+def write_alerting(out: Path, site: Site, config: FlowlineConfig | None) -> Path:
+    """The alerting provisioning file for ``site`` in ``out``; returns its path."""
+    rules = alert_rules(site, config.collectors.opcua if config else None, config.spool if config else None)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PACKAGED_ALERTING
+    path.write_text(alerting_yaml(rules, site.site), encoding="utf-8")
+    return path
+
+
 def _secret(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -57,7 +94,13 @@ site_option = click.option(
     "--site",
     "site_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Site file: its alarm limits become threshold bands on the operations centre.",
+    help="Site file: production streams, units and alarm-limit bands on the operations centre; the alert rules.",
+)
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Flowline config: its site file, forecast horizon (reliability time range), OPC UA sampling and spool size.",
 )
 
 
@@ -68,20 +111,38 @@ site_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write the Grafana file-provisioning YAML (datasource variants, dashboard provider) here.",
 )
+@click.option(
+    "--alerting-out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write the Grafana alerting provisioning file (rules, contact points, policy) here; needs a site.",
+)
 @site_option
-def export_command(out: Path, provisioning_out: Path | None, site_file: Path | None) -> None:
-    """Write the four dashboards as Grafana JSON files.
+@config_option
+def export_command(
+    out: Path,
+    provisioning_out: Path | None,
+    alerting_out: Path | None,
+    site_file: Path | None,
+    config_path: Path | None,
+) -> None:
+    """Write the four dashboards as Grafana JSON files (and, optionally, the alert rules).
 
     \b
     Examples:
-      flowline dashboards export --out /var/lib/grafana/dashboards/flowline
-      flowline dashboards export --out dash/ --site north-field.yaml
+      flowline dashboards export --out /var/lib/grafana/dashboards/flowline --config flowline.yaml
+      flowline dashboards export --out dash/ --site north-field.yaml --alerting-out alerting/
     """
-    for path in export(out, _site(site_file)):
+    config = _config(config_path)
+    site = _site_of(site_file, config)
+    if alerting_out is not None and site is None:
+        raise click.BadParameter("alert rules are generated from a site file: give --site or --config")
+    for path in export(out, site, _horizon(config)):
         click.echo(path)
     if provisioning_out is not None:
         for path in write_provisioning(provisioning_out):
             click.echo(path)
+    if alerting_out is not None and site is not None:
+        click.echo(write_alerting(alerting_out, site, config))
 
 
 @dashboards.command("provision")
@@ -114,7 +175,16 @@ def export_command(out: Path, provisioning_out: Path | None, site_file: Path | N
     "dashboards read them with an InfluxQL annotation query. Reads with the --datasource-url credentials.",
 )
 @click.option("--since", default="7d", show_default=True, help="How far back --push-annotations looks (e.g. 12h, 30d).")
+@click.option(
+    "--alert-email",
+    "alert_emails",
+    multiple=True,
+    metavar="TEAM=ADDRESSES",
+    help=f"Also provision the alert rules, contact points and policy; one per team ({', '.join(TEAMS)}), "
+    "comma-separated addresses. Needs --site or --config.",
+)
 @site_option
+@config_option
 def provision_command(
     url: str,
     token_file: Path,
@@ -127,7 +197,9 @@ def provision_command(
     folder: str,
     push_annotations: bool,
     since: str,
+    alert_emails: tuple[str, ...],
     site_file: Path | None,
+    config_path: Path | None,
 ) -> None:
     """Create or update the Flowline folder, datasource and dashboards in a running Grafana.
 
@@ -141,6 +213,11 @@ def provision_command(
           --influx-user grafana --influx-password-file influx_ro_password
     """
     version = next(v for v in INFLUX_VERSIONS if v == influx_version)
+    config = _config(config_path)
+    site = _site_of(site_file, config)
+    emails = _emails(alert_emails) if alert_emails else None
+    if emails is not None and site is None:
+        raise click.BadParameter("alert rules are generated from a site file: give --site or --config")
     datasource = None
     credentials = InfluxCredentials()
     if push_annotations and datasource_url is None:
@@ -162,14 +239,40 @@ def provision_command(
     provisioner.folder_title = folder
     with console.status(f"provisioning {url} ..."):
         try:
-            report = provisioner.run(list(render_all(_site(site_file)).values()), datasource)
+            report = provisioner.run(list(render_all(site, _horizon(config)).values()), datasource)
+            if emails is not None and site is not None:
+                _provision_alerts(provisioner, site, config, emails, report)
         except ProvisionError as exc:
             raise click.ClickException(str(exc)) from exc
     for kind, name, action in report.actions:
         click.echo(f"{kind:<10} {action:<9} {name}")
     if push_annotations:
         assert datasource_url is not None
-        _push_annotations(provisioner, datasource_url, database, credentials, since, _site(site_file))
+        _push_annotations(provisioner, datasource_url, database, credentials, since, site)
+
+
+def _emails(values: tuple[str, ...]) -> dict[str, str]:
+    emails: dict[str, str] = {}
+    for text in values:
+        team, _, addresses = text.partition("=")
+        if team not in TEAMS or not addresses.strip():
+            raise click.BadParameter(f"{text!r}: expected TEAM=ADDRESSES, TEAM one of {', '.join(TEAMS)}")
+        emails[team] = addresses.strip()
+    missing = [t for t in TEAMS if t not in emails]
+    if missing:
+        raise click.BadParameter(f"no address for {', '.join(missing)}", param_hint="--alert-email")
+    return emails
+
+
+def _provision_alerts(
+    provisioner: GrafanaProvisioner,
+    site: Site,
+    config: FlowlineConfig | None,
+    emails: dict[str, str],
+    report: ProvisionReport,
+) -> None:
+    rules = alert_rules(site, config.collectors.opcua if config else None, config.spool if config else None)
+    AlertingProvisioner(provisioner.api, provisioner.folder_uid).run(rules, site.site, emails, report)
 
 
 def _push_annotations(

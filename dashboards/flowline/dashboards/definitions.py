@@ -7,6 +7,7 @@ as a negative spike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from flowline.dashboards.builder import (
@@ -14,7 +15,9 @@ from flowline.dashboards.builder import (
     JSON,
     QUALITY_MAPPINGS,
     Annotation,
+    AnyOf,
     Col,
+    Condition,
     Dashboard,
     Fill,
     Match,
@@ -53,15 +56,6 @@ NO_CROSSING: JSON = {
     "options": {"match": "null", "result": {"text": "no crossing", "color": "green", "index": 0}},
 }
 COMPLETENESS_STEPS = thresholds((None, "red"), (0.9, "orange"), (0.98, "green"))
-
-# Key production quantities on the operations centre, matched on the inventory's tag names.
-PRODUCTION_QUANTITIES: tuple[tuple[str, str, str], ...] = (
-    ("Flow", "flow", "none"),
-    ("Pressure", "press", "none"),
-    ("Temperature", "temp", "celsius"),
-    ("Power", "power|current|load", "none"),
-)
-
 
 def _field(name: str) -> JSON:
     return {"matcher": {"id": "byName", "options": name}}
@@ -132,7 +126,7 @@ def _site_var(measurement: str) -> TagValues:
 def _series(
     measurement: str,
     cols: Sequence[Col],
-    where: Sequence[Match],
+    where: Sequence[Condition],
     alias: str = "$col",
     *,
     by: Sequence[str] = (),
@@ -154,14 +148,15 @@ def _counter(
     return _series(metric, [rate if per_second else increase], (SITE,), alias, by=by, ref=ref)
 
 
-def _drilldown_link(with_tag: bool) -> JSON:
-    url = f"/d/{RELIABILITY_UID}?var-site=${{__data.fields.site}}&var-asset=${{__data.fields.asset}}"
-    if with_tag:
-        url += "&var-tag=${__data.fields.tag}"
-    return data_link("Drill down into ${__data.fields.asset}", url + "&${__url_time_range}")
+def _drilldown_link() -> JSON:
+    url = (
+        f"/d/{RELIABILITY_UID}?var-site=${{__data.fields.site}}&var-asset=${{__data.fields.asset}}"
+        "&var-tag=${__data.fields.tag}&${__url_time_range}"
+    )
+    return data_link("Drill down into ${__data.fields.asset} ${__data.fields.tag}", url)
 
 
-def _latest_row(cols: Sequence[Col], where: Sequence[Match], by: Sequence[str] = ()) -> Select:
+def _latest_row(cols: Sequence[Col], where: Sequence[Condition], by: Sequence[str] = ()) -> Select:
     """The newest ``asset_health`` row per series (``ORDER BY time DESC LIMIT 1``, per group in
     InfluxQL on 1.x and 3.x), so fields the newest pass left out read as empty."""
     return Select("asset_health", cols, where, group_by=by, order_desc=True, limit=1)
@@ -171,76 +166,128 @@ def _colored(column: str, steps: JSON) -> JSON:
     return override(column, thresholds=steps, color={"mode": "thresholds"}, **{"custom.cellOptions": COLOR_CELL})
 
 
-def reliability() -> Dashboard:
-    fleet = Select(
-        "asset_health",
-        [
-            Col("risk", "last", "risk"),
-            Col("health_score", "last", "health"),
-            Col("flag_level", "last", "flag_level"),
-        ],
-        where=(SITE,),
-        group_by=("site", "asset", "criticality"),
-    )
-    # Each series' newest whole row, not last() per field: a pass that forecasts no crossing writes
-    # no hours_to_alarm, and last("hours_to_alarm") would show an older pass's value instead.
-    degrading = _latest_row(
-        [
-            Col("flag_level"),
-            Col("flag"),
-            Col("hours_to_alarm"),
-            Col("p_cross"),
-            Col("trend_per_day"),
-            Col("health_score", alias="health"),
-        ],
-        (SITE,),
-        ("site", "asset", "tag", "criticality"),
-    )
+def _organize(exclude: Sequence[str] = (), rename: dict[str, str] | None = None) -> JSON:
+    return {
+        "id": "organize",
+        "options": {"excludeByName": {name: True for name in exclude}, "renameByName": dict(rename or {})},
+    }
+
+
+def _sort(column: str, desc: bool = True) -> JSON:
+    return {"id": "sortBy", "options": {"sort": [{"field": column, "desc": desc}]}}
+
+
+def _only_rows(*conditions: tuple[str, str, float]) -> JSON:
+    """Keep rows where any ``(column, greater|greaterOrEqual|lower, value)`` holds."""
+    return {
+        "id": "filterByValue",
+        "options": {
+            "type": "include",
+            "match": "any",
+            "filters": [
+                {"fieldName": column, "config": {"id": op, "options": {"value": value}}}
+                for column, op, value in conditions
+            ],
+        },
+    }
+
+
+# One row per assessed tag: its newest whole assessment row, so flag, health, hours to alarm and
+# p_cross always come from the same tag and the same pass. Units ride in the column names (the
+# dashboard schema cannot hold a unit per table column) and, for the tag's own unit, in `unit`.
+HEALTH = "health (0-100)"
+TO_ALARM = "to alarm (h)"
+P_CROSS = "P(cross) (0-1)"
+RISK = "risk (0-3)"
+TAG_COLUMNS = (
+    Col("flag"),
+    Col("health_score", alias=HEALTH),
+    Col("hours_to_alarm", alias=TO_ALARM),
+    Col("p_cross", alias=P_CROSS),
+    Col("risk", alias=RISK),
+    Col("trend_per_day", alias="trend per day"),
+    Col("alarm_limit", alias="alarm limit"),
+    Col("unit"),
+    Col("flag_level"),
+)
+TAG_GROUPS = ("site", "asset", "tag", "criticality")
+# "Worst" = highest flag, then highest risk (risk is below 10, so flag x 10 + risk orders both).
+RANK_TRANSFORMS: list[JSON] = [
+    _binary("flag_x10", _field("flag_level"), "*", {"fixed": "10"}),
+    _binary("rank", _field("flag_x10"), "+", _field(RISK)),
+]
+FLAG_TEXT_MAPPINGS = value_mappings(
+    ("OK", None, "green"), ("WATCH", None, "yellow"), ("DEGRADING", None, "orange"), ("CRITICAL", None, "red")
+)
+TAG_OVERRIDES = [
+    override("flag", **{"custom.cellOptions": COLOR_CELL}),
+    _colored(HEALTH, HEALTH_STEPS),
+]
+DEFAULT_HORIZON_HOURS = 168.0
+
+
+def _asset_view_transforms() -> list[JSON]:
+    """Per asset, every column from its worst tag's row: sort by rank, then take the first row of
+    each asset (Grafana's groupBy keeps row order, so "first" is the worst tag for every column)."""
+    firsts = ("Time", "tag", "flag", HEALTH, TO_ALARM, P_CROSS, RISK, "unit", "rank")
+    fields: JSON = {key: {"operation": "groupby", "aggregations": []} for key in ("site", "asset", "criticality")}
+    fields.update({key: {"operation": "aggregate", "aggregations": ["first"]} for key in firsts})
+    return [
+        *RANK_TRANSFORMS,
+        _sort("rank"),
+        {"id": "groupBy", "options": {"fields": fields}},
+        _organize(
+            exclude=("rank (first)",),
+            rename={f"{key} (first)": ("assessed" if key == "Time" else key) for key in firsts},
+        ),
+    ]
+
+
+def reliability(horizon_hours: float = DEFAULT_HORIZON_HOURS) -> Dashboard:
+    tags_table = _latest_row(TAG_COLUMNS, (SITE,), TAG_GROUPS)
     drill = (SITE, ASSET, TAG)
     items: list[Panel | Row] = [
         Row("Fleet"),
         Panel(
-            "Fleet health by risk",
+            "Assets, worst tag first",
             "table",
-            [Target(fleet, result_format="table")],
-            width=10,
+            [Target(tags_table, result_format="table")],
+            width=11,
             height=10,
-            description="Latest health per asset and criticality, highest risk (p_cross x consequence) first.",
+            description=(
+                "One row per asset showing its worst tag (highest flag, then highest risk); every column "
+                "comes from that tag's newest assessment. Click a row for the drill-down of that tag."
+            ),
             decimals=2,
-            overrides=[_colored("health", HEALTH_STEPS), _colored("flag_level", FLAG_STEPS)],
-            links=[_drilldown_link(with_tag=False)],
-            transformations=[{"id": "sortBy", "options": {"sort": [{"field": "risk", "desc": True}]}}],
+            mappings=FLAG_TEXT_MAPPINGS,
+            overrides=TAG_OVERRIDES,
+            links=[_drilldown_link()],
+            transformations=_asset_view_transforms(),
         ),
         Panel(
-            "Degrading assets",
+            "Assessed tags, worst first",
             "table",
-            [Target(degrading, result_format="table")],
-            width=14,
+            [Target(tags_table, result_format="table")],
+            width=13,
             height=10,
-            description="Tags flagged WATCH or worse; click the asset for the drill-down.",
+            description=(
+                "Every assessed tag's newest assessment (one row per tag), worst flag and highest risk "
+                "first. 'to alarm' is empty when no crossing is forecast within the horizon; trend and "
+                "alarm limit are in the tag's unit. Click a row for its drill-down."
+            ),
             decimals=2,
-            overrides=[_colored("health", HEALTH_STEPS), _colored("flag_level", FLAG_STEPS)],
-            links=[_drilldown_link(with_tag=True)],
+            mappings=FLAG_TEXT_MAPPINGS,
+            overrides=TAG_OVERRIDES,
+            links=[_drilldown_link()],
             transformations=[
-                {
-                    "id": "filterByValue",
-                    "options": {
-                        "type": "include",
-                        "match": "any",
-                        "filters": [
-                            {
-                                "fieldName": "flag_level",
-                                "config": {"id": "greaterOrEqual", "options": {"value": 1}},
-                            }
-                        ],
-                    },
-                },
-                {"id": "sortBy", "options": {"sort": [{"field": "p_cross", "desc": True}]}},
+                *RANK_TRANSFORMS,
+                _sort("rank"),
+                _organize(exclude=("flag_level", "flag_x10", "rank"), rename={"Time": "assessed"}),
             ],
         ),
         Row("Drill-down: $asset $tag"),
         Panel(
-            "Actual vs forecast",
+            "Actual vs forecast ($unit)",
             "timeseries",
             [
                 _series("telemetry", [Col("value", "mean", "actual")], drill, fill="null", ref="A"),
@@ -272,7 +319,7 @@ def reliability() -> Dashboard:
             thresholds=FLAG_STEPS,
         ),
         Panel(
-            "Health score",
+            "Health score (0-100)",
             "timeseries",
             [_series("asset_health", [Col("health_score", "mean", "health")], drill)],
             width=6,
@@ -310,20 +357,21 @@ def reliability() -> Dashboard:
             thresholds=thresholds((None, "red"), (24, "orange"), (72, "yellow"), (168, "green")),
         ),
         Panel(
-            "Trend per day",
+            "Trend per day ($unit/day)",
             "stat",
-            [Target(Select("asset_health", [Col("trend_per_day", "last", "trend_per_day")], drill))],
+            [Target(_latest_row([Col("trend_per_day"), Col("flag_level")], drill))],
             width=4,
+            options={"reduceOptions": {"calcs": ["last"], "fields": "/^trend_per_day$/", "values": False}},
         ),
         Panel(
             "Model",
             "stat",
-            [Target(Select("asset_health", [Col("model", "last", "model")], drill))],
+            [Target(_latest_row([Col("model")], drill))],
             width=4,
             options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "/.*/"}, "textMode": "value"},
         ),
         Panel(
-            "Last 90 days (hourly rollup)",
+            "Last 90 days, hourly min / mean / max ($unit)",
             "timeseries",
             [
                 _series(
@@ -336,7 +384,7 @@ def reliability() -> Dashboard:
             ],
             width=24,
             time_from="90d",
-            description="Good-quality samples rolled up per hour by the historian (telemetry_1h).",
+            description="Good-quality samples rolled up per hour by the historian's rollup job (telemetry_1h).",
             overrides=[
                 override("min", color=fixed_color("light-blue"), **{"custom.lineStyle": DOTTED}),
                 override("max", color=fixed_color("light-blue"), **{"custom.lineStyle": DOTTED}),
@@ -364,23 +412,63 @@ def reliability() -> Dashboard:
             _site_var("asset_health"),
             TagValues("asset", "asset_health", "asset", depends_on=("site",)),
             TagValues("tag", "asset_health", "tag", depends_on=("site", "asset")),
+            TagValues("unit", "telemetry", "unit", depends_on=("site", "asset", "tag"), hide=2),
         ],
         annotations=[Annotation("Flag changes", events, "title", "text", ("kind", "flag", "tag"))],
+        # Ends at the forecast horizon: every crossing the analytics forecast lies inside the range.
         time_from="now-7d",
-        time_to="now+3d",
+        time_to=f"now+{math.ceil(horizon_hours)}h",
         refresh="5m",
         links=_links(),
     )
 
 
-def alarm_overrides(site: Site | None) -> list[JSON]:
-    """Threshold lines and colours per series from the site file's alarm limits."""
+# --- operations centre ----------------------------------------------------------------------------
+
+# Grafana's own unit ids where it has one; anything else is shown as the site file writes it.
+GRAFANA_UNITS = {"degC": "celsius", "K": "kelvin", "%": "percent", "A": "amp", "Hz": "hertz", "kW": "kwatt"}
+PRETTY_UNITS = {"degC": "°C", "m3/h": "m³/h", "Sm3/h": "Sm³/h", "um": "µm"}
+QUANTITIES = {
+    "barg": "Pressure",
+    "bar": "Differential pressure",
+    "degC": "Temperature",
+    "K": "Temperature difference",
+    "m3/h": "Liquid flow",
+    "Sm3/h": "Gas flow",
+    "mm/s": "Vibration velocity",
+    "um": "Shaft vibration",
+    "g": "Vibration acceleration",
+    "A": "Current",
+    "kW": "Power",
+    "rpm": "Speed",
+    "Hz": "Frequency",
+    "%": "Level and position",
+}
+FRESHNESS_LOOKBACK = "7d"  # a tag silent for longer than this drops off the freshness table
+INVENTORY_LOOKBACK = "30d"  # analytics writes the inventory on every pass
+STALE_INTERVALS = 30.0  # silent for more than this many expected intervals: stale
+
+
+def pretty_unit(unit: str) -> str:
+    return PRETTY_UNITS.get(unit, unit)
+
+
+def grafana_unit(unit: str) -> str:
+    return GRAFANA_UNITS.get(unit) or f"suffix: {pretty_unit(unit)}"
+
+
+def quantity_title(unit: str) -> str:
+    return f"{QUANTITIES.get(unit, 'Values')} ({pretty_unit(unit)})"
+
+
+def alarm_overrides(site: Site | None, unit: str | None = None) -> list[JSON]:
+    """Threshold lines and colours per series from the site file's alarm limits (of one unit)."""
     if site is None:
         return []
     out: list[JSON] = []
     for asset, tag in site.iter_tags():
         alarm = tag.alarm
-        if alarm is None:
+        if alarm is None or (unit is not None and tag.unit != unit):
             continue
         lows = [v for v in (alarm.low_low, alarm.low) if v is not None]
         highs = [v for v in (alarm.high, alarm.high_high) if v is not None]
@@ -400,56 +488,197 @@ def alarm_overrides(site: Site | None) -> list[JSON]:
     return out
 
 
+def _production(site: Site) -> list[Panel | Row]:
+    """Per stream: a stat of the site total with its sparkline, and the stacked share per train/well."""
+    items: list[Panel | Row] = []
+    for stream, tags in site.production_streams().items():
+        unit = tags[0][1].unit or ""
+        where = (SITE, AnyOf([(asset.id, tag.name) for asset, tag in tags]))
+        value = [Col("value", "mean", "value")]
+        target = _series("telemetry", value, where, "$tag_asset $tag_tag", by=("asset", "tag"), fill="previous")
+        label = f"{stream.capitalize()} ({pretty_unit(unit)})"
+        items += [
+            Panel(
+                f"{label}: site total",
+                "stat",
+                [target],
+                width=6,
+                height=6,
+                unit=grafana_unit(unit),
+                decimals=0,
+                description=f"Sum of the {stream} meters ({', '.join(a.id for a, _ in tags)}), mean per interval.",
+                options={
+                    "graphMode": "area",
+                    "colorMode": "none",
+                    "textMode": "value",
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                },
+                transformations=[
+                    {"id": "joinByField", "options": {"byField": "Time", "mode": "outer"}},
+                    {
+                        "id": "calculateField",
+                        "options": {
+                            "mode": "reduceRow",
+                            "reduce": {"reducer": "sum"},
+                            "alias": "total",
+                            "replaceFields": True,
+                        },
+                    },
+                ],
+            ),
+            Panel(
+                f"{label} per train or well",
+                "timeseries",
+                [target],
+                width=18,
+                height=6,
+                unit=grafana_unit(unit),
+                description="Stacked: the top edge is the site total.",
+                custom={"stacking": {"mode": "normal"}, "fillOpacity": 25},
+            ),
+        ]
+    return items
+
+
+def _latest(scope: Sequence[Condition]) -> Select:
+    return Select("telemetry", [Col("value", "last", "value")], scope, group_by=("asset", "tag", "unit"))
+
+
+def _beyond_limit(scope: Sequence[Condition]) -> Panel:
+    limits = Select(
+        "inventory",
+        [Col("alarm_low", "last", "alarm low"), Col("alarm_high", "last", "alarm high")],
+        scope,
+        group_by=("asset", "tag"),
+        since=INVENTORY_LOOKBACK,
+    )
+    return Panel(
+        "Now beyond alarm limit",
+        "table",
+        [Target(_latest(scope), "A", result_format="table"), Target(limits, "B", result_format="table")],
+        width=10,
+        height=8,
+        description="Tags whose newest value is above their high or below their low alarm limit (site file).",
+        transformations=[
+            _organize(exclude=("Time",)),
+            {"id": "merge", "options": {}},
+            _binary("above", _field("value"), "-", _field("alarm high")),
+            _binary("below", _field("alarm low"), "-", _field("value")),
+            _only_rows(("above", "greater", 0), ("below", "greater", 0)),
+            _organize(exclude=("above", "below")),
+            _sort("asset", desc=False),
+        ],
+        overrides=[override("value", color=fixed_color("red"), **{"custom.cellOptions": COLOR_CELL})],
+    )
+
+
+SILENT_FOR = "silent for (s)"
+MISSED = "expected intervals missed"
+
+
+def _freshness(scope: Sequence[Condition]) -> Panel:
+    newest = Select("telemetry", [Col("quality", "last", "quality")], scope, ("asset", "tag"), since=FRESHNESS_LOOKBACK)
+    expected = Select(
+        "inventory",
+        [Col("expected_per_hour", "last", "expected_per_hour")],
+        scope,
+        group_by=("asset", "tag"),
+        since=INVENTORY_LOOKBACK,
+    )
+    return Panel(
+        "Data freshness per tag",
+        "table",
+        [Target(newest, "A", result_format="table"), Target(expected, "B", result_format="table")],
+        width=14,
+        height=8,
+        description=(
+            f"Seconds since each tag's newest value (looking back {FRESHNESS_LOOKBACK}, whatever the time range, "
+            f"so a silent asset stays listed) and how many of its expected intervals that is; red beyond "
+            f"{STALE_INTERVALS:g} (stale)."
+        ),
+        decimals=0,
+        overrides=[_colored(MISSED, thresholds((None, "green"), (STALE_INTERVALS, "red")))],
+        transformations=[
+            # Only the telemetry frame has `quality`, so q0 and the age exist there alone; the
+            # inventory frame's Time (when analytics wrote it) is dropped before merging on asset, tag.
+            _binary("q0", _field("quality"), "*", {"fixed": "0"}),
+            _binary("newest_ms", _field("Time"), "+", _field("q0")),
+            _binary("age_ms", _field("newest_ms"), "-", {"fixed": "${__to}"}),
+            _binary(SILENT_FOR, _field("age_ms"), "/", {"fixed": "-1000"}),
+            _organize(exclude=("Time", "quality", "q0", "newest_ms", "age_ms")),
+            {"id": "merge", "options": {}},
+            _binary("per_s", _field("expected_per_hour"), "/", {"fixed": "3600"}),
+            _binary(MISSED, _field(SILENT_FOR), "*", _field("per_s")),
+            _organize(exclude=("per_s", "expected_per_hour")),
+            _sort(SILENT_FOR),
+        ],
+    )
+
+
 def operations(site: Site | None = None) -> Dashboard:
-    scope = (SITE, ASSET)
-    items: list[Panel | Row] = [Row("Production on $site")]
-    for title, pattern, unit in PRODUCTION_QUANTITIES:
+    scope: tuple[Condition, ...] = (SITE, ASSET)
+    items: list[Panel | Row] = []
+    if site is not None and site.production_streams():
+        items += [Row("Production on $site"), *_production(site)]
+    items += [Row("Alarms and freshness"), _beyond_limit(scope), _freshness(scope), Row("Process values")]
+    variables = [
+        _site_var("telemetry"),
+        TagValues("asset", "telemetry", "asset", depends_on=("site",), multi=True, include_all=True),
+    ]
+    order = list(QUANTITIES)
+    found = {tag.unit for _, tag in site.iter_tags() if tag.unit} if site is not None else set()
+    units = sorted(found, key=lambda u: (order.index(u) if u in order else len(order), u))
+    for unit in units:
         items.append(
             Panel(
-                title,
+                quantity_title(unit),
                 "timeseries",
                 [
                     _series(
                         "telemetry",
                         [Col("value", "mean", "value")],
-                        (*scope, Match("tag", regex=pattern)),
+                        (*scope, Match("unit", value=unit)),
                         "$tag_asset $tag_tag",
                         by=("asset", "tag"),
                         fill="null",
                     )
                 ],
                 width=12,
-                unit=unit,
-                description="Mean per interval; threshold bands come from the site file's alarm limits.",
-                overrides=alarm_overrides(site),
+                unit=grafana_unit(unit),
+                description="Mean per interval; bands are the site file's alarm limits.",
+                overrides=alarm_overrides(site, unit),
             )
         )
-    latest = Select(
-        "telemetry",
-        [Col("value", "last", "value")],
-        scope,
-        group_by=("asset", "tag", "unit"),
-    )
-    freshness = Select("telemetry", [Col("quality", "last", "quality")], scope, group_by=("asset",))
+    if not units:
+        # Without a site file the units are not known at export time: one panel, one unit at a time.
+        variables.append(TagValues("unit", "telemetry", "unit", depends_on=("site",)))
+        items.append(
+            Panel(
+                "Values in $unit",
+                "timeseries",
+                [
+                    _series(
+                        "telemetry",
+                        [Col("value", "mean", "value")],
+                        (*scope, Match("unit", variable="unit")),
+                        "$tag_asset $tag_tag",
+                        by=("asset", "tag"),
+                        fill="null",
+                    )
+                ],
+                width=24,
+                description="Mean per interval of the tags measured in the chosen unit.",
+            )
+        )
     items += [
-        Row("Latest values and freshness"),
+        Row("Latest values and quality"),
         Panel(
             "Latest values",
             "table",
-            [Target(latest, result_format="table")],
-            width=14,
+            [Target(_latest(scope), result_format="table")],
+            width=24,
             height=10,
-            description="Newest value of every tag; Time is when it was measured.",
-        ),
-        Panel(
-            "Data freshness per asset",
-            "table",
-            [Target(freshness, result_format="table")],
-            width=10,
-            height=10,
-            description="Time since the newest value of each asset.",
-            unit="dateTimeFromNow",
-            transformations=[{"id": "organize", "options": {"excludeByName": {"quality": True}}}],
+            description="Newest value of every tag with its unit; Time is when it was measured.",
         ),
         Panel(
             "Bad or uncertain quality",
@@ -470,13 +699,10 @@ def operations(site: Site | None = None) -> Dashboard:
     return Dashboard(
         OPERATIONS_UID,
         "Flowline - Operations centre",
-        "Real-time production per site: key process values, latest readings and data freshness.",
+        "Production per site and train, tags beyond alarm limits, data freshness and process values by unit.",
         items,
-        variables=[
-            _site_var("telemetry"),
-            TagValues("asset", "telemetry", "asset", depends_on=("site",), multi=True, include_all=True),
-        ],
-        time_from="now-1h",
+        variables=variables,
+        time_from="now-6h",
         refresh="10s",
         links=_links(),
     )
@@ -722,5 +948,5 @@ def security() -> Dashboard:
     )
 
 
-def all_dashboards(site: Site | None = None) -> list[Dashboard]:
-    return [reliability(), operations(site), pipeline(), security()]
+def all_dashboards(site: Site | None = None, horizon_hours: float = DEFAULT_HORIZON_HOURS) -> list[Dashboard]:
+    return [reliability(horizon_hours), operations(site), pipeline(), security()]

@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import yaml
 from grafana_client.api import GrafanaApi
-from grafana_client.client import GrafanaClientError
+from grafana_client.client import GrafanaException, GrafanaTimeoutError
+from niquests.exceptions import RequestException
 
-from flowline.core.errors import FlowlineError
+from flowline.core.errors import FlowlineError, network_reason
 from flowline.dashboards.builder import JSON
 
 InfluxVersion = Literal["1", "2", "3"]
@@ -126,8 +127,13 @@ class ProvisionReport:
         self.actions.append((kind, name, action))
 
 
-def _status(exc: GrafanaClientError) -> int:
-    return int(exc.status_code)
+def _status(exc: GrafanaException) -> int:
+    return int(exc.status_code or 0)
+
+
+def _is_json(exc: GrafanaException) -> bool:
+    """grafana-client hands over the parsed JSON body, or the text when the body was not JSON."""
+    return isinstance(exc.response, dict | list)
 
 
 def _strip_volatile(dashboard: JSON) -> JSON:
@@ -140,28 +146,50 @@ def _strip_volatile(dashboard: JSON) -> JSON:
 class GrafanaProvisioner:
     """Creates or updates folder, datasource and dashboards; running it twice changes nothing."""
 
-    def __init__(self, api: GrafanaApi, folder_uid: str = FOLDER_UID, folder_title: str = FOLDER_TITLE) -> None:
+    def __init__(
+        self, api: GrafanaApi, folder_uid: str = FOLDER_UID, folder_title: str = FOLDER_TITLE, url: str = "Grafana"
+    ) -> None:
+        self.url = url
         self.api = api
         self.folder_uid = folder_uid
         self.folder_title = folder_title
 
     @classmethod
     def connect(cls, url: str, token: str, timeout_s: float = 30.0) -> GrafanaProvisioner:
-        return cls(GrafanaApi.from_url(url, credential=token, timeout=timeout_s))
+        return cls(GrafanaApi.from_url(url, credential=token, timeout=timeout_s), url=url.rstrip("/"))
+
+    def _error(self, what: str, exc: GrafanaException | RequestException) -> ProvisionError:
+        """One line that says what failed and what to check: unreachable, not Grafana, or refused."""
+        if isinstance(exc, RequestException):
+            return ProvisionError(
+                f"cannot reach Grafana at {self.url} (to {what}): {network_reason(exc)}; "
+                "check --url and that Grafana is running"
+            )
+        if isinstance(exc, GrafanaTimeoutError):
+            return ProvisionError(f"Grafana at {self.url} did not answer in time (to {what})")
+        if not _is_json(exc):
+            # Grafana's API answers JSON even for errors: HTML or plain text means another server.
+            start = " ".join(str(exc.response or "").split())[:40]
+            return ProvisionError(
+                f"{self.url} does not look like Grafana: asked to {what}, it answered HTTP {_status(exc)} "
+                f"with a non-JSON body ({start!r}...); check --url (Grafana's base URL, "
+                "e.g. https://grafana.example:3000)"
+            )
+        return ProvisionError(f"Grafana refused to {what}: HTTP {exc.status_code}: {exc.message}")
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except GrafanaClientError as exc:
-            raise ProvisionError(f"Grafana refused to {what}: HTTP {exc.status_code}: {exc.message}") from exc
+        except (GrafanaException, RequestException) as exc:
+            raise self._error(what, exc) from exc
 
     def _get_or_none(self, what: str, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
-        except GrafanaClientError as exc:
-            if _status(exc) == 404:
+        except (GrafanaException, RequestException) as exc:
+            if isinstance(exc, GrafanaException) and _status(exc) == 404 and _is_json(exc):
                 return None
-            raise ProvisionError(f"Grafana refused to {what}: HTTP {exc.status_code}: {exc.message}") from exc
+            raise self._error(what, exc) from exc
 
     def folder(self, report: ProvisionReport) -> None:
         existing = self._get_or_none("read the folder", self.api.folder.get_folder, self.folder_uid)

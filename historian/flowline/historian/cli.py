@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -12,17 +13,21 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from flowline.core.cli import service_logging
 from flowline.core.config import FlowlineConfig, HistorianConfig, load_config
 from flowline.core.deadletter import DeadLetterFile
 from flowline.core.errors import ConfigError, FlowlineError
 from flowline.core.secrets import SecretError, SecretRef
+from flowline.core.status import ProcessStatus
 from flowline.historian.connection import Connection, error_message
 from flowline.historian.errors import HistorianError, HistorianUnavailableError
 from flowline.historian.paths import dead_letter_path, rollup_checkpoint_path
 from flowline.historian.rollups import RollupJob
 from flowline.historian.setup import ROLES, Account, setup_v1
+from flowline.historian.tiers import TIERS, TIERS_BY_NAME
 
 console = Console(stderr=True)
+log = logging.getLogger("flowline.historian.rollup")
 
 
 def _load(path: Path) -> tuple[FlowlineConfig, HistorianConfig]:
@@ -143,9 +148,17 @@ def setup_v2_command(
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="Install config YAML.")
 @click.option("--once", is_flag=True, help="Roll up what is due and exit.")
 @click.option("--every", default=60.0, show_default=True, help="Seconds between passes when not --once.")
-def rollup(config_path: Path, once: bool, every: float) -> None:
+@click.option(
+    "--tier",
+    "tier_names",
+    multiple=True,
+    type=click.Choice(list(TIERS_BY_NAME)),
+    help="Only these tiers (repeatable; default: all).",
+)
+def rollup(config_path: Path, once: bool, every: float, tier_names: tuple[str, ...]) -> None:
     """Roll telemetry up to telemetry_1m and telemetry_1h (mean, min, max, count, last_quality),
-    incrementally from a checkpoint under data_dir/historian/.
+    incrementally from a checkpoint under data_dir/historian/. Connects with rollup.historian (the
+    rollup role: read and write) when the config has it, else with the historian section.
 
     \b
     Examples:
@@ -153,29 +166,43 @@ def rollup(config_path: Path, once: bool, every: float) -> None:
       flowline historian rollup --config flowline.yaml --every 60
     """
     config, hist = _load(config_path)
-    job = RollupJob.from_config(hist, rollup_checkpoint_path(config))
+    if not once:
+        service_logging()  # a long-running job: its lines carry timestamps
+    # The rollup role's account (reads raw, writes the tiers), not the DMZ writer's write-only one.
+    tiers = tuple(TIERS_BY_NAME[name] for name in tier_names) or TIERS
+    job = RollupJob.from_config(config.rollup.historian or hist, rollup_checkpoint_path(config), tiers)
+    status = ProcessStatus(config.data_dir, "rollup").start()
     try:
         while True:
             try:
                 with console.status("rolling up telemetry…"):
                     runs = job.run_once(time.time_ns())
             except HistorianUnavailableError as exc:
+                status.connected(hist.url, "sink", False, error=str(exc))
                 if once:
                     raise
                 # The checkpoint only moves past written windows: the next pass picks up from there.
-                console.print(f"[yellow]InfluxDB unavailable, retrying in {every:g}s: {exc}")
+                log.warning("InfluxDB unavailable, retrying in %gs: %s", every, exc)
             else:
+                status.ok(hist.url, "sink")
+                status.extra["last_pass"] = {run.tier: {"windows": run.windows, "points": run.points} for run in runs}
                 for run in runs:
-                    console.print(f"{run.tier}: {run.windows} windows, {run.points} points written")
+                    line = f"{run.tier}: {run.windows} windows, {run.points} points written"
+                    if once:
+                        console.print(line)
+                    else:
+                        log.info("%s", line)
             if once:
                 return
             time.sleep(every)
     except HistorianError as exc:
+        status.fail(str(exc))
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
         job.close()
+        status.stop()
 
 
 @historian.command("dead-letter")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from flowline.core.errors import FlowlineError
+from flowline.core.errors import FlowlineError, NeedsOperatorError
 
 
 class HistorianError(FlowlineError):
     """Base class: something went wrong talking to InfluxDB."""
 
 
-class HistorianAuthError(HistorianError):
+class HistorianAuthError(HistorianError, NeedsOperatorError):
     """401/403: the credential is wrong, missing or lacks the privilege. Retrying cannot help."""
 
 
@@ -21,7 +21,7 @@ class HistorianUnavailableError(HistorianError):
     """
 
 
-class HistorianNotFoundError(HistorianError):
+class HistorianNotFoundError(HistorianError, NeedsOperatorError):
     """The database, retention policy or bucket does not exist (a deployment error, not bad data)."""
 
 

@@ -76,12 +76,15 @@ class RollupJob:
         self.tiers = tiers
 
     @classmethod
-    def from_config(cls, config: HistorianConfig, checkpoint_path: str | Path) -> RollupJob:
+    def from_config(
+        cls, config: HistorianConfig, checkpoint_path: str | Path, tiers: tuple[RollupTier, ...] = TIERS
+    ) -> RollupJob:
         return cls(
             Connection.from_config(config),
             Checkpoint(checkpoint_path),
             source_policy=config.retention_policy,
             lag_s=config.rollup_lag_s,
+            tiers=tiers,
         )
 
     def close(self) -> None:

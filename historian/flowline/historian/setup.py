@@ -35,11 +35,11 @@ with its own tooling and point ``historian.database``/``retention_policy`` at it
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from flowline.core.config import HistorianConfig
 from flowline.historian.connection import Connection
+from flowline.historian.errors import HistorianError
 from flowline.historian.query import HistorianReader, Series, quote_ident, quote_literal
 from flowline.historian.tiers import tiers
 
@@ -66,6 +66,17 @@ def grants_for(role: str, config: HistorianConfig) -> list[tuple[str, str]]:
     raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
 
 
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with every form of ``secret`` it may carry (as is, as an InfluxQL literal, as a repr) masked."""
+    if not secret:
+        return text
+    for form in sorted(
+        {quote_literal(secret), repr(quote_literal(secret))[1:-1], repr(secret)[1:-1], secret}, key=len, reverse=True
+    ):
+        text = text.replace(form, "***")
+    return text
+
+
 def setup_v1(admin: Connection, config: HistorianConfig, accounts: dict[str, Account]) -> list[str]:
     """Create/align databases, retention policies and role accounts; return the statements run.
 
@@ -75,9 +86,19 @@ def setup_v1(admin: Connection, config: HistorianConfig, accounts: dict[str, Acc
     runner = HistorianReader(admin)
     done: list[str] = []
 
-    def run(statement: str, database: str | None = None) -> list[Series]:
-        done.append(re.sub(r"PASSWORD '.*'", "PASSWORD '***'", statement))
-        return runner.query(statement, database=database)
+    def run(statement: str, database: str | None = None, secret: str | None = None) -> list[Series]:
+        done.append(redact(statement, secret))
+        try:
+            return runner.query(statement, database=database)
+        except HistorianError as exc:
+            if secret is None:
+                raise
+            # Errors quote the statement (escaped in ways no replace can follow): name the statement
+            # redacted, keep InfluxDB's own message only if it carries no piece of the password.
+            reason = str(exc).rsplit(": ", 1)[-1]
+            if any(secret[i : i + 6] in reason for i in range(max(1, len(secret) - 5))):
+                reason = "(InfluxDB's message withheld: it quotes the password)"
+            raise type(exc)(f"InfluxDB refused {redact(statement, secret)}: {reason}") from None
 
     databases = [config.database] + ([config.analytics_database] if config.analytics_database else [])
     for database in databases:
@@ -94,9 +115,15 @@ def setup_v1(admin: Connection, config: HistorianConfig, accounts: dict[str, Acc
     for role, account in accounts.items():
         grants = grants_for(role, config)
         if account.name in users:
-            run(f"SET PASSWORD FOR {quote_ident(account.name)} = {quote_literal(account.password)}")
+            run(
+                f"SET PASSWORD FOR {quote_ident(account.name)} = {quote_literal(account.password)}",
+                secret=account.password,
+            )
         else:
-            run(f"CREATE USER {quote_ident(account.name)} WITH PASSWORD {quote_literal(account.password)}")
+            run(
+                f"CREATE USER {quote_ident(account.name)} WITH PASSWORD {quote_literal(account.password)}",
+                secret=account.password,
+            )
         for database in databases:
             run(f"REVOKE ALL ON {quote_ident(database)} FROM {quote_ident(account.name)}")
         for database, privilege in grants:

@@ -36,6 +36,7 @@ import requests
 
 from flowline.core.config import HistorianConfig
 from flowline.core.deadletter import DeadLetterFile
+from flowline.core.errors import network_reason
 from flowline.core.metrics import Metrics
 from flowline.core.points import LineProtocolError, Point, encode_line
 from flowline.historian.connection import Api, Connection, error_message, raise_for_access
@@ -102,7 +103,7 @@ class _V1Transport:
                 timeout=self.conn.timeout_s,
             )
         except requests.RequestException as exc:
-            return _Response(0, f"{type(exc).__name__}: {exc}")
+            return _Response(0, f"{type(exc).__name__}: {network_reason(exc)}")
         if response.status_code == 204:
             return _Response(204, "")
         return _Response(
@@ -271,6 +272,22 @@ class HistorianWriter:
     def write_lines(self, lines: Sequence[str]) -> WriteResult:
         """Write already-encoded lines (one point each, no trailing newline) at this writer's precision."""
         return self._pipeline((batch, 0) for batch in self._batches(lines))
+
+    def check(self) -> None:
+        """One empty write, no retry: proves InfluxDB is reachable, the credential is accepted with
+        write access and the database exists, without writing anything (1.x answers 204).
+
+        Raises `HistorianAuthError`, `HistorianNotFoundError`, or `HistorianUnavailableError`
+        (network error, 5xx). On the v2 API the client library may send nothing for an empty write,
+        so there this proves less.
+        """
+        response = self._transport.post(b"")
+        if response.status // 100 == 2:
+            return
+        self._count_error(response.status)
+        raise_for_access(self.conn, response.status, response.message, "write")
+        what = f"answered {response.status}" if response.status else "is not reachable"
+        raise HistorianUnavailableError(f"InfluxDB at {self.conn.url} {what} ({response.message or 'no message'})")
 
     def close(self) -> None:
         """Abort any back-off sleep (the pending write raises `HistorianUnavailableError`) and disconnect."""

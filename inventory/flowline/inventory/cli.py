@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from flowline.core.cli import LazyCommand, LazyGroup
-from flowline.inventory.loader import SiteFileError, load_site
+from flowline.inventory.loader import SiteFileError, load_site, site_warnings
 
 # `discover` speaks OPC UA, so it lives with the collectors (OT); the inventory only names it.
 _LAZY = {
@@ -29,7 +29,10 @@ def assets() -> None:
 @assets.command()
 @click.argument("site_file", type=click.Path(path_type=Path))
 def check(site_file: Path) -> None:
-    """Validate SITE_FILE and print every problem with its key path (exit 1 if any).
+    """Validate SITE_FILE and print every problem with its key path (exit 1 if any), then warnings.
+
+    Warnings (exit 0): assets or tags that no approved flow lets through the DMZ, and two tags mapped
+    to the same source.
 
     \b
     Example:
@@ -45,6 +48,8 @@ def check(site_file: Path) -> None:
     for _, tag in tags:
         by_source[tag.source.kind] = by_source.get(tag.source.kind, 0) + 1
     sources = ", ".join(f"{n} {k}" for k, n in sorted(by_source.items()))
+    for warning in site_warnings(site):
+        click.echo(f"{site_file}: WARNING: {warning}", err=True)
     click.echo(
         f"{site_file}: OK: site {site.site}, {len(site.assets)} assets, {len(tags)} tags ({sources}), "
         f"{len(site.flows)} approved flows"

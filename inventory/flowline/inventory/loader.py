@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from flowline.core.errors import FlowlineError
-from flowline.inventory.model import Site
+from flowline.inventory.model import Site, Tag
 
 
 class SiteFileError(FlowlineError):
@@ -159,3 +159,44 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict | list):
         return type(value).__name__
     return repr(value)[:60]
+
+
+def _source_key(tag: Tag) -> tuple[str, ...]:
+    source = tag.source
+    if source.opcua is not None:
+        return ("opcua", source.opcua.server, source.opcua.node or f"browse_path {source.opcua.browse_path}")
+    if source.mqtt is not None:
+        return ("mqtt", source.mqtt.topic, source.mqtt.json_key or "")
+    assert source.sparkplug is not None
+    sp = source.sparkplug
+    return ("sparkplug", sp.group, sp.edge_node, sp.device or "", sp.metric)
+
+
+def site_warnings(site: Site) -> list[str]:
+    """What is valid but probably wrong: points no approved flow lets through, one source read twice."""
+    warnings: list[str] = []
+    for index, asset in enumerate(site.assets):
+        blocked = [tag.name for tag in asset.tags if not any(f.allows(asset.id, tag.name) for f in site.flows)]
+        if len(blocked) == len(asset.tags):
+            warnings.append(
+                f"assets[{index}] ({asset.id}): no approved flow lets its points through; the DMZ gateway "
+                "will refuse them all (add the asset to a flow's 'assets', or remove it)"
+            )
+        elif blocked:
+            warnings.append(
+                f"assets[{index}] ({asset.id}): no approved flow lets tags {', '.join(blocked)} through; the "
+                "DMZ gateway will refuse their points"
+            )
+    first: dict[tuple[str, ...], str] = {}
+    for a_index, asset in enumerate(site.assets):
+        for t_index, tag in enumerate(asset.tags):
+            where = f"assets[{a_index}] ({asset.id}).tags[{t_index}] ({tag.name})"
+            key = _source_key(tag)
+            if key in first:
+                warnings.append(
+                    f"{where} and {first[key]} are mapped to the same source ({' '.join(k for k in key if k)}): "
+                    "every value would be stored twice, under two names"
+                )
+            else:
+                first[key] = where
+    return warnings

@@ -136,6 +136,9 @@ class Tag(_Strict):
     # Seconds between the values the source should send, for data completeness. MQTT and Sparkplug
     # publish at the sender's pace, so only the site file can say; OPC UA defaults to its sampling.
     expected_interval_s: float | None = Field(default=None, gt=0)
+    # A production meter of this stream (e.g. "crude export", "gas"): the operations centre shows each
+    # stream's total and its share per train or well. The stream's tags add up, so they share one unit.
+    production: str | None = Field(default=None, min_length=1)
 
 
 class Asset(_Strict):
@@ -242,6 +245,29 @@ class Site(_Strict):
                     return None
                 return TagRef(self.site, asset_id, tag.name, tag.unit, value_type=tag.type)
         return None
+
+    @model_validator(mode="after")
+    def _one_unit_per_stream(self) -> Site:
+        units: dict[str, set[str]] = {}
+        for asset in self.assets:
+            for tag in asset.tags:
+                if tag.production is not None:
+                    units.setdefault(tag.production, set()).add(tag.unit or "")
+        for stream, found in units.items():
+            if len(found) > 1:
+                raise ValueError(
+                    f"production stream {stream!r} mixes units {', '.join(sorted(found))}: its tags are added "
+                    "up, so give them one unit (or split the stream)"
+                )
+        return self
+
+    def production_streams(self) -> dict[str, list[tuple[Asset, Tag]]]:
+        """``{stream: [(asset, tag), ...]}`` in site-file order, for production totals per stream."""
+        streams: dict[str, list[tuple[Asset, Tag]]] = {}
+        for asset, tag in self.iter_tags():
+            if tag.production is not None:
+                streams.setdefault(tag.production, []).append((asset, tag))
+        return streams
 
     @cached_property
     def assets_by_id(self) -> dict[str, Asset]:

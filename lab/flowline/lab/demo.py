@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -22,9 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from flowline.lab.services import ServiceError
-from flowline.lab.stack import DATABASE, EXAMPLE_SITE, LocalStack, StackOptions
+from flowline.lab.stack import DATABASE, EXAMPLE_SITE, KeptStack, LocalStack, StackOptions
 
 MARKER = ".flowline-demo"
+DEFAULT_WORKDIR = Path(".flowline-demo")  # the data scientist's API looks for its flowline.yaml too
 FLAG_NAMES = {0: "OK", 1: "WATCH", 2: "DEGRADING", 3: "CRITICAL"}
 
 
@@ -54,6 +56,12 @@ def _has(binary: str) -> bool:
 
 
 def _reset_workdir(workdir: Path) -> None:
+    kept = KeptStack.load(workdir)
+    if kept is not None and kept.running:
+        raise click.UsageError(
+            f"a demo stack is still running in {workdir} (pids {', '.join(str(p.pid) for p in kept.running)}): "
+            f"stop it first with 'flowline stack down --workdir {workdir}'"
+        )
     if workdir.exists():
         if not (workdir / MARKER).exists() and any(workdir.iterdir()):
             raise click.UsageError(
@@ -79,9 +87,15 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),
-    default=Path(".flowline-demo"),
+    default=DEFAULT_WORKDIR,
     show_default=True,
     help="Folder for servers, spools, logs, dashboards and the report (re-created each run).",
+)
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave InfluxDB, Mosquitto, the plant and the pipeline running after the report "
+    "(stop them with 'flowline stack down').",
 )
 @click.option(
     "--site",
@@ -108,7 +122,13 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     help="Seconds between backfilled samples.",
 )
 def demo(
-    duration: float, workdir: Path, site_file: Path, seed: int, backfill_days: float, backfill_step: float
+    duration: float,
+    workdir: Path,
+    site_file: Path,
+    seed: int,
+    backfill_days: float,
+    backfill_step: float,
+    keep: bool = False,
 ) -> None:
     """Run the whole pipeline on this machine and report what landed and which assets are degrading.
 
@@ -116,11 +136,14 @@ def demo(
     simulator with backfilled history, both collectors, the OT sender, DMZ gateway and writer,
     one analytics pass, exports the dashboards, streams live data for --duration seconds, and
     prints points per asset, end-to-end lag and the degrading assets. Ctrl-C stops everything.
+    With --keep everything stays up for notebooks, `flowline export` and Grafana until
+    `flowline stack down`.
 
     \b
     Examples:
       flowline demo                       # 14 days of history, then 60 s live
       flowline demo --duration 300 --seed 3
+      flowline demo --keep --duration 0   # leave the stack running (flowline stack status|down)
     """
     console = Console()
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT explicitly: a parent may have set it to ignore
@@ -135,8 +158,12 @@ def demo(
     )
     stack = LocalStack(workdir, options)
     started = time.monotonic()
+    kept = False
     try:
         _run(console, stack, duration)
+        if keep:
+            stack.save_state(started_at=time.time())
+            kept = True
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted: stopping every stage…[/yellow]")
     except (ServiceError, TimeoutError, subprocess.CalledProcessError) as exc:
@@ -145,7 +172,17 @@ def demo(
         stack.stop()
         sys.exit(1)
     finally:
-        stack.stop()
+        if not kept:
+            stack.stop()
+    if kept:
+        # The stages run in their own sessions, so they outlive this process and its terminal.
+        console.print(
+            f"The stack is still running (InfluxDB {stack.influx.url}). Notebooks, the README's snippet and "
+            f"'flowline export' find it through {stack.config_path}.\n"
+            f"  flowline stack status --workdir {workdir}   # is it up?\n"
+            f"  flowline stack down --workdir {workdir}     # stop it"
+        )
+        return
     console.print(f"Stopped cleanly after {time.monotonic() - started:.0f} s. Everything is in {workdir}.")
 
 
@@ -158,6 +195,7 @@ def _run(console: Console, stack: LocalStack, duration: float) -> None:
     stack.prepare()
     stack.start_services()
     stack.write_config()
+    _write_events(stack)
     opts = stack.options
     if opts.backfill_days > 0:
         _step(console, f"Backfilling {opts.backfill_days:g} days of plant history into the OT spool")
@@ -195,12 +233,37 @@ def _run(console: Console, stack: LocalStack, duration: float) -> None:
             str(stack.workdir / "report.png"),
         ],
     )
-    _step(console, "Exporting Grafana dashboards")
-    _run_cli(stack, ["dashboards", "export", "--out", str(stack.workdir / "dashboards")])
+    _step(console, "Rolling history up to the hourly tier (the dashboards' 90-day panel)")
+    # Only the hourly tier: it is what the dashboards read, and the per-minute one would take longer
+    # than the rest of the demo to roll up weeks of history on a small machine.
+    _run_cli(stack, ["historian", "rollup", "--config", str(stack.config_path), "--once", "--tier", "1h"])
+    _step(console, "Exporting Grafana dashboards and alert rules (from the site file)")
+    _run_cli(
+        stack,
+        [
+            *("dashboards", "export", "--config", str(stack.config_path)),
+            *("--out", str(stack.workdir / "dashboards")),
+            *("--alerting-out", str(stack.workdir / "alerting")),
+        ],
+    )
 
     if duration > 0:
         _stream(console, stack, duration)
     _report(console, stack)
+
+
+def _write_events(stack: LocalStack) -> None:
+    """The simulator's ground truth as a work-order export: when each injected fault reaches its
+    alarm limit. What a backtest scores lead times and misses against (docs/data-science.md)."""
+    from flowline.inventory import load_site
+    from flowline.lab.sim.plant import Plant
+
+    plant = Plant(load_site(stack.options.site_file), stack.options.seed, epoch_ns=stack.epoch_ns)
+    lines = ["time,asset,tag,kind"]
+    for fault in plant.faults:
+        when = datetime.fromtimestamp(fault.crossing_ns / 1e9, tz=UTC).isoformat(timespec="seconds")
+        lines.append(f"{when},{fault.asset},{fault.tag},{fault.kind.value}")
+    (stack.workdir / "events.csv").write_text("\n".join(lines) + "\n")
 
 
 def _expected_backfill_points(stack: LocalStack) -> int:
@@ -301,6 +364,20 @@ def degrading_assets(stack: LocalStack) -> list[dict[str, Any]]:
     return sorted(flagged, key=lambda r: -(r.get("risk") or 0.0))
 
 
+def analytics_incomplete(stack: LocalStack) -> str | None:
+    """What the analytics pass could not assess, from its status file; None when it assessed everything."""
+    from flowline.core.status import read_status, status_dir
+
+    doc = read_status(status_dir(stack.data_dir) / "analytics.json")
+    last_pass = (doc.get("extra") or {}).get("last_pass")
+    if not isinstance(last_pass, dict):
+        return "the analytics pass left no result (did it run?)"
+    if "error" in last_pass:
+        return f"the analytics pass failed: {last_pass['error']}"
+    note = last_pass.get("not_assessed")
+    return str(note) if note else None
+
+
 def _report(console: Console, stack: LocalStack) -> None:
     per_asset = landed_per_asset(stack)
     table = Table(title=f"Points landed in InfluxDB (database {DATABASE})")
@@ -336,17 +413,122 @@ def _report(console: Console, stack: LocalStack) -> None:
             _fmt(r.get("trend_per_day"), "{:+.3g}"),
             _fmt(r.get("health_score"), "{:.0f}"),
         )
-    console.print(risk if flagged else "No asset is degrading.")
+    incomplete = analytics_incomplete(stack)
+    if flagged:
+        console.print(risk)
+    elif incomplete is None:
+        console.print("No asset is degrading.")
+    if incomplete is not None:
+        # A skipped or failed pass is not good news: say what is unknown instead of "no asset is degrading".
+        console.print(
+            f"[bold yellow]Analytics incomplete: {incomplete}; the health of those assets is unknown "
+            f"(details in {stack.logs_dir / 'analyze.log'}).[/bold yellow]",
+            highlight=False,
+        )
     summary = {
         "points_per_asset": per_asset,
         "degrading": [{"asset": r["asset"], "tag": r["tag"]} for r in flagged],
+        "analytics_incomplete": incomplete,
     }
     (stack.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     report = stack.workdir / "report.png"
     if report.exists():
         console.print(f"PNG report of the flagged assets: {report}")
     console.print(f"Dashboards (Grafana JSON): {stack.workdir / 'dashboards'}; config: {stack.config_path}")
+    alerting = stack.workdir / "alerting" / "alerting.yaml"
+    # soft_wrap: a path is never folded across lines, so it can be copied (or read by a script).
+    console.print(f"Alert rules, contact points and policy (Grafana provisioning): {alerting}", soft_wrap=True)
 
 
 def _fmt(value: Any, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
+
+
+# --- flowline stack: the demo stack left running ----------------------------------------------------
+
+_workdir_option = click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_WORKDIR,
+    show_default=True,
+    help="The demo's folder.",
+)
+
+
+@click.group()
+def stack() -> None:
+    """The demo stack kept running for notebooks and exports: up, status, down."""
+
+
+@stack.command("up")
+@_workdir_option
+@click.option("--seed", type=int, default=7, show_default=True, help="Simulator seed.")
+@click.option("--backfill-days", type=float, default=14.0, show_default=True, help="Days of history.")
+@click.option("--backfill-step", type=float, default=300.0, show_default=True, help="Seconds between samples.")
+@click.pass_context
+def stack_up(ctx: click.Context, workdir: Path, seed: int, backfill_days: float, backfill_step: float) -> None:
+    """Run the demo and leave it running (flowline demo --keep --duration 0); a no-op when it is up."""
+    kept = KeptStack.load(workdir)
+    if kept is not None and kept.running and len(kept.running) == len(kept.processes):
+        click.echo(f"already up: {len(kept.processes)} processes, config {kept.config}")
+        return
+    if kept is not None:
+        kept.stop()  # partly down: start again from a clean state
+    ctx.invoke(
+        demo, duration=0.0, workdir=workdir, site_file=EXAMPLE_SITE, seed=seed, backfill_days=backfill_days,
+        backfill_step=backfill_step, keep=True,
+    )
+
+
+@stack.command("status")
+@_workdir_option
+def stack_status(workdir: Path) -> None:
+    """Show the kept stack's processes, config and InfluxDB; exit 1 unless every process runs."""
+    kept = _load_kept(workdir)
+    table = Table(title=f"Flowline demo stack in {workdir}")
+    for column in ("process", "pid", "state"):
+        table.add_column(column)
+    for process in kept.processes:
+        table.add_row(process.name, str(process.pid), "running" if process.running else "[red]stopped[/red]")
+    console = Console()
+    console.print(table)
+    console.print(f"config: {kept.config}\nInfluxDB: {kept.influx_url} ({_ping(kept.influx_url)})")
+    down = [p.name for p in kept.processes if not p.running]
+    if down:
+        raise click.ClickException(
+            f"not running: {', '.join(down)}; restart with 'flowline stack down --workdir {workdir}' "
+            f"then 'flowline stack up --workdir {workdir}' (logs in {workdir / 'logs'})"
+        )
+
+
+@stack.command("down")
+@_workdir_option
+def stack_down(workdir: Path) -> None:
+    """Stop every process of the kept stack, upstream first; its data stays in the workdir."""
+    kept = _load_kept(workdir)
+    running = len(kept.running)
+    killed = kept.stop()
+    forced = f" ({', '.join(killed)} needed SIGKILL)" if killed else ""
+    click.echo(f"stopped {running} process(es){forced}; data kept in {workdir}")
+
+
+def _load_kept(workdir: Path) -> KeptStack:
+    try:
+        kept = KeptStack.load(workdir)
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if kept is None:
+        raise click.ClickException(
+            f"no stack is kept running in {workdir}: start one with 'scripts/demo --keep' "
+            "(or 'flowline stack up')"
+        )
+    return kept
+
+
+def _ping(url: str) -> str:
+    import requests
+
+    try:
+        return "answering" if requests.get(f"{url}/ping", timeout=2).status_code == 204 else "not answering"
+    except requests.RequestException:
+        return "unreachable"

@@ -60,6 +60,8 @@ class CuttableTcpProxy:
         self.listener.settimeout(0.1)
         self.port: int = self.listener.getsockname()[1]
         self.cuts = 0
+        self.accepted = 0  # connections forwarded: a reconnect after a cut shows up here
+        self.severed = 0  # connections a cut really dropped (a cut while nothing is connected drops none)
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -84,22 +86,33 @@ class CuttableTcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
+                self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(1 << 16):
                 dst.sendall(data)
         except OSError:
-            pass
+            return  # one side closed or the link was cut: the connection ends, both sockets close below
         finally:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+            # A connection that ended by itself is no longer open: a later cut must not count it.
+            with self._lock:
+                self._conns = [c for c in self._conns if c is not src and c is not dst]
+            for s in (src, dst):
+                s.close()  # both pumps end after the shutdowns; closing twice is harmless
 
-    def cut(self) -> None:
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._conns) // 2
+
+    def cut(self) -> int:
+        """Drop every open connection; the number of connections dropped."""
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:
@@ -107,6 +120,8 @@ class CuttableTcpProxy:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
         self.cuts += 1
+        self.severed += len(conns) // 2
+        return len(conns) // 2
 
     def stop(self) -> None:
         self._stop.set()

@@ -109,8 +109,18 @@ class ManagedProcess:
         return True
 
     @property
+    def pid(self) -> int | None:
+        """The child's process id (also its process group: it runs in a session of its own)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the last run (negative: the signal that ended it), None while it runs."""
+        return self._proc.poll() if self._proc is not None else None
 
     def stop(self, timeout: float = 15.0) -> None:
         proc = self._proc
@@ -160,19 +170,27 @@ class InfluxDServer(ManagedProcess):
 
     name = "influxd"
 
-    def __init__(self, workdir: Path, auth: bool = False, admin_password: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        auth: bool = False,
+        admin_password: str | None = None,
+        host: str = "127.0.0.1",
+        http_port: int = 0,
+    ) -> None:
         super().__init__(workdir)
         self.auth = auth
+        self.host = host  # the HTTP API's address (the network lab binds it to the IT zone's address)
         self.admin = InfluxUser("admin", admin_password or os.urandom(12).hex(), admin=True)
-        self.http_port = 0
+        self.http_port = http_port  # 0: a free port, chosen at the first start
         self.rpc_port = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
 
     def prepare(self) -> None:
-        self.http_port, self.rpc_port = free_port(), free_port()
+        self.http_port, self.rpc_port = self.http_port or free_port(), free_port()
         data = self.workdir / "data"
         config = f"""
 reporting-disabled = true
@@ -190,7 +208,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
   store-enabled = false
 [http]
   enabled = true
-  bind-address = "127.0.0.1:{self.http_port}"
+  bind-address = "{self.host}:{self.http_port}"
   auth-enabled = {str(self.auth).lower()}
   log-enabled = false
   max-body-size = 0
@@ -251,7 +269,7 @@ class TlsFiles:
 
 
 class MosquittoServer(ManagedProcess):
-    """Mosquitto with its own config: a plain listener and optionally a TLS listener, on free ports.
+    """Mosquitto with its own config: a plain listener and/or a TLS listener, on free loopback ports.
 
     Authentication is on by default (``users``: name -> password); ``acl`` lines are written verbatim.
     ``max_queued_messages`` is raised because the default (1,000) drops QoS 1 messages under bursts.
@@ -267,8 +285,12 @@ class MosquittoServer(ManagedProcess):
         tls: TlsFiles | None = None,
         allow_anonymous: bool = False,
         require_certificate: bool = False,
+        plain: bool = True,
     ) -> None:
         super().__init__(workdir)
+        if not plain and tls is None:
+            raise ValueError("a broker without a plain listener needs tls")
+        self.plain = plain  # tests of plain MQTT need it; the demo and the lab run TLS only
         self.users = users or {}
         self.acl = acl
         self.tls = tls
@@ -293,8 +315,9 @@ class MosquittoServer(ManagedProcess):
             "log_dest stdout",
             "log_type error",
             "log_type warning",
-            f"listener {self.port} 127.0.0.1",
         ]
+        if self.plain:
+            lines.append(f"listener {self.port} 127.0.0.1")
         if self.tls is not None:
             self.tls_port = free_port()
             lines += [
@@ -327,4 +350,4 @@ class MosquittoServer(ManagedProcess):
         return [find_binary("mosquitto", "mosquitto"), "-c", str(self.workdir / "mosquitto.conf")]
 
     def ready(self) -> bool:
-        return port_open(self.port) and (self.tls is None or port_open(self.tls_port))
+        return (not self.plain or port_open(self.port)) and (self.tls is None or port_open(self.tls_port))

@@ -13,8 +13,10 @@ memory, so the process boundaries (and what survives a kill) are the real ones.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -24,13 +26,17 @@ from typing import Any
 
 import yaml
 
+from flowline.core.config import HistorianConfig
+from flowline.core.files import atomic_write_json
+from flowline.historian.connection import Connection
+from flowline.historian.setup import Account, setup_v1
 from flowline.inventory import load_site
 from flowline.lab.pki import CertFiles, CertificateAuthority
 from flowline.lab.services import (
     InfluxDServer,
-    InfluxUser,
     ManagedProcess,
     MosquittoServer,
+    ServiceError,
     TlsFiles,
     free_port,
     wait_until,
@@ -38,8 +44,16 @@ from flowline.lab.services import (
 from flowline.lab.sim.opcua_server import server_certificate
 
 DATABASE = "flowline"
+# InfluxDB account per role (grants in flowline.historian.setup.grants_for).
+INFLUX_ACCOUNTS = {
+    "writer": "flowline_writer",
+    "rollup": "flowline_rollup",
+    "analytics": "flowline_analytics",
+    "grafana": "grafana",
+}
 SENDER_ID = "ot-north-1"
 EXAMPLE_SITE = Path(__file__).resolve().parent / "examples" / "north-field.yaml"
+STATE_FILE = "stack.json"  # in the workdir of a stack left running (`flowline demo --keep`)
 
 
 class StageProcess(ManagedProcess):
@@ -128,29 +142,31 @@ class LocalStack:
         # The simulator finds its server certificate as opcua-server.* in --cert-dir (the CA's folder).
         self.sim_certs = server_certificate(pki, load_site(self.options.site_file).site)
         self._secret("signing-key", secrets.token_hex(32))
-        for name in ("influx-writer", "influx-analytics", "influx-grafana", "mqtt-collector", "mqtt-sim"):
+        # Kept so a stack left running can still be administered (and inspected) by hand.
+        self._secret("influx-admin", self.influx.admin.password)
+        for name in (*(f"influx-{role}" for role in INFLUX_ACCOUNTS), "mqtt-collector", "mqtt-sim"):
             self._secret(name)
 
     def start_services(self) -> None:
         self.influx.start()
-        self.influx.create_database(DATABASE)
-        self.influx.create_user(
-            InfluxUser("flowline_writer", self.passwords["influx-writer"], grants=((DATABASE, "WRITE"),))
-        )
-        # Analytics reads history and writes its own measurements; InfluxDB 1.x grants are per database.
-        self.influx.create_user(
-            InfluxUser("flowline_analytics", self.passwords["influx-analytics"], grants=((DATABASE, "ALL"),))
-        )
-        self.influx.create_user(
-            InfluxUser("grafana", self.passwords["influx-grafana"], grants=((DATABASE, "READ"),))
-        )
-        self.mosquitto = MosquittoServer(
+        # The historian's own set-up, as a site runs it: database, retention tiers (raw, rollup_1m,
+        # rollup_1h) and one account per role with only its grants (flowline.historian.setup).
+        influx_admin = self.influx.admin
+        admin = Connection(self.influx.url, DATABASE, username=influx_admin.name, password=influx_admin.password)
+        accounts = {role: Account(name, self.passwords[f"influx-{role}"]) for role, name in INFLUX_ACCOUNTS.items()}
+        setup_v1(admin, HistorianConfig(url=self.influx.url, database=DATABASE), accounts)
+        self.mosquitto = self.new_mosquitto(
             self.workdir / "mosquitto",
             users={"collector": self.passwords["mqtt-collector"], "sim": self.passwords["mqtt-sim"]},
             acl=["user collector", "topic read #", "topic read $share/#", "user sim", "topic readwrite #"],
             tls=TlsFiles(self.ca.files.cert, self.broker_cert.cert, self.broker_cert.key),
+            plain=False,  # every client here speaks TLS: a plain listener would only be an unused way in
         )
         self.mosquitto.start()
+
+    def new_mosquitto(self, workdir: Path, **options: Any) -> MosquittoServer:
+        """The broker (the network lab runs it inside its OT namespace)."""
+        return MosquittoServer(workdir, **options)
 
     def write_config(self) -> Path:
         assert self.mosquitto is not None
@@ -209,14 +225,8 @@ class LocalStack:
                 "username": "flowline_writer",
                 "password": {"file": str(self.secrets_dir / "influx-writer")},
             },
-            "analytics": {
-                "historian": {
-                    "url": self.influx.url,
-                    "database": DATABASE,
-                    "username": "flowline_analytics",
-                    "password": {"file": str(self.secrets_dir / "influx-analytics")},
-                },
-            },
+            "analytics": {"historian": self._historian_account("analytics")},
+            "rollup": {"historian": self._historian_account("rollup")},
         }
         config["relay_dmz"] = {
             "listen_host": "127.0.0.1",
@@ -230,6 +240,14 @@ class LocalStack:
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         return self.config_path
+
+    def _historian_account(self, role: str) -> dict[str, Any]:
+        return {
+            "url": self.influx.url,
+            "database": DATABASE,
+            "username": INFLUX_ACCOUNTS[role],
+            "password": {"file": str(self.secrets_dir / f"influx-{role}")},
+        }
 
     # --- stages -------------------------------------------------------------------------------------
 
@@ -293,6 +311,32 @@ class LocalStack:
             self.mosquitto.stop()
         self.influx.stop()
 
+    def processes(self) -> list[tuple[str, ManagedProcess]]:
+        """Every process of the stack in start order (servers first, then the stages)."""
+        servers: list[tuple[str, ManagedProcess]] = [("influxd", self.influx)]
+        if self.mosquitto is not None:
+            servers.append(("mosquitto", self.mosquitto))
+        return servers + list(self.stages.items())
+
+    def save_state(self, **extra: Any) -> Path:
+        """Record the running processes so `stop_kept` can stop them from another process later."""
+        entries = []
+        for name, process in self.processes():
+            pid = process.pid
+            if pid is not None:
+                entries.append({"name": name, "pid": pid, "cmdline": _cmdline(pid)})
+        state = {
+            "config": str(self.config_path),
+            "influx_url": self.influx.url,
+            "epoch_ns": self.epoch_ns,
+            "seed": self.options.seed,
+            "processes": entries,
+            **extra,
+        }
+        path = self.workdir / STATE_FILE
+        atomic_write_json(path, state)
+        return path
+
     def __enter__(self) -> LocalStack:
         return self
 
@@ -328,3 +372,75 @@ class LocalStack:
             logs = "\n".join(f"--- {name} ---\n{p.log_tail(1500)}" for name, p in self.stages.items())
             raise TimeoutError(f"{exc}\n{logs}") from exc
         return holder[0]
+
+
+# --- a stack left running --------------------------------------------------------------------------
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+@dataclass(frozen=True)
+class KeptProcess:
+    name: str
+    pid: int
+    cmdline: tuple[str, ...]
+
+    @property
+    def running(self) -> bool:
+        """Alive and still the process we started: a recycled pid runs another command line."""
+        current = _cmdline(self.pid)
+        return bool(current) and tuple(current) == self.cmdline
+
+
+@dataclass(frozen=True)
+class KeptStack:
+    """What `flowline demo --keep` left running, read back from ``workdir/stack.json``."""
+
+    workdir: Path
+    config: Path
+    influx_url: str
+    processes: tuple[KeptProcess, ...]
+    raw: dict[str, Any]
+
+    @classmethod
+    def load(cls, workdir: Path) -> KeptStack | None:
+        path = Path(workdir) / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ServiceError(f"{path}: unreadable stack state ({exc}); delete it and start again") from exc
+        processes = tuple(
+            KeptProcess(str(p["name"]), int(p["pid"]), tuple(p.get("cmdline", []))) for p in data.get("processes", [])
+        )
+        return cls(Path(workdir).resolve(), Path(data["config"]), str(data["influx_url"]), processes, data)
+
+    @property
+    def running(self) -> list[KeptProcess]:
+        return [p for p in self.processes if p.running]
+
+    def stop(self, timeout: float = 20.0) -> list[str]:
+        """Stop every process still running, upstream first (as `LocalStack.stop`); returns the names
+        that needed SIGKILL. The state file is removed, so the workdir is free for the next run."""
+        killed = []
+        for process in reversed(self.processes):
+            if not process.running:
+                continue
+            os.kill(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while process.running and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if process.running:
+                os.kill(process.pid, signal.SIGKILL)
+                killed.append(process.name)
+                while process.running:
+                    time.sleep(0.05)
+        (self.workdir / STATE_FILE).unlink(missing_ok=True)
+        return killed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -11,8 +10,9 @@ from types import FrameType
 
 import click
 
+from flowline.core.cli import service_logging
 from flowline.core.config import FlowlineConfig, load_config
-from flowline.core.errors import ConfigError, FlowlineError
+from flowline.core.errors import ConfigError, FlowlineError, NeedsOperatorError
 
 CONFIG = click.option(
     "--config",
@@ -30,10 +30,7 @@ def _load(path: Path, section: str) -> FlowlineConfig:
         raise click.ClickException(str(exc)) from exc
     if getattr(config, section) is None:
         raise click.ClickException(f"{path}: this command needs a '{section}' section")
-    if not logging.getLogger().handlers:  # started as ``python -m flowline.relay``
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().level > logging.INFO:
-        logging.getLogger("flowline").setLevel(logging.INFO)  # services log their connections by default
+    service_logging()  # services log their connections by default
     return config
 
 
@@ -48,9 +45,18 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+class NeedsAPerson(click.ClickException):
+    """A deployment error retrying cannot fix (credential, missing database): exit status 2, which
+    the systemd units list in RestartPreventExitStatus so they do not restart in a loop."""
+
+    exit_code = 2
+
+
 def _run(what: str, body: Callable[[], None]) -> None:
     try:
         body()
+    except NeedsOperatorError as exc:
+        raise NeedsAPerson(f"{what}: {exc}") from exc
     except (FlowlineError, OSError, ValueError) as exc:
         raise click.ClickException(f"{what}: {exc}") from exc
 

@@ -9,14 +9,16 @@ Policy per point: ``telemetry`` must be an approved flow of the site file for th
 pass; anything else (e.g. an OT sender forging ``asset_health`` or ``security_event``) is refused.
 Refused points are aggregated per (reason, sender, asset, tag) into ``security_event`` points (count,
 first/last seen; the point's timestamp is the first sighting, so later updates overwrite the same
-row) and written as JSON lines to the append-only audit log.
+row) and written as JSON lines to the append-only audit log. Events are rate-limited per key
+(`EventLimiter`): the first of an interval is logged, audited and stored at once, the repeats are
+counted and recorded as one line with their count when `flush_events` finds the interval over, so a
+misconfigured flow or a flood costs one line per key and interval, not one per batch or packet.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,12 +32,12 @@ from flowline.core.points import TELEMETRY, LineProtocolError, Point, series_key
 from flowline.core.spool import SpoolWriter
 from flowline.inventory import Site
 from flowline.relay.body import BodyError, decode_body, encode_body
+from flowline.relay.dmz.audit import AuditLog, EventLimiter, LimitKey
 from flowline.relay.frames import Frame, FrameError
 
 log = logging.getLogger("flowline.relay.dmz")
 
 SECURITY_EVENT = "security_event"
-EventKey = tuple[str, str, str, str]  # reason, sender, asset, tag
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,17 @@ class AcceptResult:
 
 
 class BatchAcceptor:
-    def __init__(self, site: Site, spool: SpoolWriter, metrics: Metrics, state_dir: Path, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        site: Site,
+        spool: SpoolWriter,
+        metrics: Metrics,
+        state_dir: Path,
+        max_body_bytes: int,
+        event_interval_s: float = 60.0,
+        audit_max_bytes: int = 16 << 20,
+        audit_keep_files: int = 5,
+    ) -> None:
         self.site = site
         self.spool = spool
         self.metrics = metrics
@@ -60,8 +72,9 @@ class BatchAcceptor:
             if self._seq_path.exists()
             else {}
         )
-        self._audit = open(state_dir / "audit.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (kept open)
-        self._events: dict[EventKey, list[int | str]] = {}  # key -> [count, first_ns, last_ns, message]
+        self.audit = AuditLog(state_dir / "audit.jsonl", audit_max_bytes, audit_keep_files)
+        self.limiter = EventLimiter(event_interval_s)
+        self._events: dict[LimitKey, list[int | str]] = {}  # key -> [count, first_ns, last_ns, message]
         self._approved: dict[tuple[str, str, str], bool] = {}
         self._lock = threading.Lock()  # the spool writer is shared with the metrics reporter thread
 
@@ -73,16 +86,18 @@ class BatchAcceptor:
             with self._lock:
                 self.spool.append([encode_body(points)])
 
-    def _event_points(self, keys: list[EventKey]) -> list[Point]:
+    def _event_points(self, keys: list[LimitKey]) -> list[Point]:
         out = []
         for key in keys:
-            reason, sender, asset, tag = key
+            reason, sender, asset, tag, source = key
             count, first, last, message = self._events[key]
             tags = {"site": self.site.site, "sender": sender, "reason": reason}
             if asset:
                 tags["asset"] = asset
             if tag:
                 tags["tag"] = tag
+            if source:
+                tags["source"] = source
             fields: dict[str, float | int | bool | str] = {
                 "count": int(count),
                 "first_seen_ns": int(first),
@@ -92,8 +107,9 @@ class BatchAcceptor:
             out.append(Point(SECURITY_EVENT, tags, fields, int(first)))
         return out
 
-    def _note_events(self, events: dict[EventKey, int], message: str, extra: dict[str, object]) -> list[Point]:
+    def _note_events(self, events: dict[LimitKey, int], message: str, extra: dict[str, object]) -> list[Point]:
         now = time.time_ns()
+        records: list[dict[str, object]] = []
         for key, count in events.items():
             entry = self._events.get(key)
             if entry is None:
@@ -102,8 +118,8 @@ class BatchAcceptor:
                 entry[0] = int(entry[0]) + count
                 entry[2] = now
                 entry[3] = message
-            reason, sender, asset, tag = key
-            record = {
+            reason, sender, asset, tag, source = key
+            record: dict[str, object] = {
                 "time_ns": now,
                 "reason": reason,
                 "sender": sender,
@@ -113,18 +129,43 @@ class BatchAcceptor:
                 "message": message,
                 **extra,
             }
-            self._audit.write(json.dumps(record, sort_keys=True) + "\n")
-        self._audit.flush()
-        os.fsync(self._audit.fileno())
+            if source:
+                record["source"] = source
+            records.append(record)
+        self.audit.write(records)
         return self._event_points(list(events))
 
-    def security_event(self, reason: str, sender: str, message: str, **extra: object) -> None:
-        """A connection-level event (bad certificate, bad signature, bad frame): log, audit, store."""
-        log.warning("security event %s from %s: %s", reason, sender, message)
+    def admit_event(
+        self, reason: str, sender: str, message: str, source: str = "", extra: dict[str, object] | None = None
+    ) -> LimitKey | None:
+        """Count a connection-level event; the key to record now, or None (a repeat, recorded later).
+
+        Cheap and free of I/O: callers on an event loop call this there and `record_event` elsewhere.
+        """
         self.metrics.inc("rejected_total", reason=reason)
+        return self.limiter.admit((reason, sender, "", "", source), 1, message, extra or {})
+
+    def record_event(self, key: LimitKey, count: int, message: str, extra: dict[str, object]) -> None:
+        """Log, audit (fsync) and store one event line; blocking, so never on an event loop."""
+        reason, sender, _, _, source = key
+        log.warning("security event %s from %s%s: %s", reason, sender, f" at {source}" if source else "", message)
         with self._lock:
-            points = self._note_events({(reason, sender, "", ""): 1}, message, extra)
+            points = self._note_events({key: count}, message, extra)
             self.spool.append([encode_body(points)])
+
+    def security_event(self, reason: str, sender: str, message: str, source: str = "", **extra: object) -> None:
+        """A connection-level event (bad certificate, bad signature, bad frame): log, audit, store."""
+        key = self.admit_event(reason, sender, message, source, dict(extra))
+        if key is not None:
+            self.record_event(key, 1, message, dict(extra))
+
+    def flush_events(self, force: bool = False) -> int:
+        """Record the repeats of every key whose interval is over (all with ``force``); returns how many lines."""
+        due = self.limiter.due(force)
+        for key, count, message, extra in due:
+            summary = f"{count} more in the last {self.limiter.interval_s:.0f}s; last: {message}"
+            self.record_event(key, count, summary, extra)
+        return len(due)
 
     # --- batches ---------------------------------------------------------------------------------
 
@@ -141,7 +182,7 @@ class BatchAcceptor:
             ok = self._approved[key] = self.site.is_flow_approved(*key)
         return ok
 
-    def _check(self, frame: Frame) -> tuple[bytes, int, int, dict[EventKey, int]]:
+    def _check(self, frame: Frame) -> tuple[bytes, int, int, dict[LimitKey, int]]:
         """(record to store, points in, points kept, refused per event key) for one batch body."""
         sender, seq = frame.sender, frame.sequence
         payload = frame.payload(self.max_body_bytes)
@@ -153,7 +194,7 @@ class BatchAcceptor:
                     raise BodyError(f"a point of {measurement} {tags} carries a line break outside a string")
         except (BodyError, LineProtocolError) as exc:
             raise FrameError("bad_frame", f"batch {seq} from {sender!r}: {exc}") from exc
-        refused: dict[EventKey, int] = {}
+        refused: dict[LimitKey, int] = {}
         kept_series, kept_raw = [], []
         total = kept = 0
         for entry in series:
@@ -163,7 +204,7 @@ class BatchAcceptor:
                 kept_series.append(entry)
                 kept += len(rests)
             else:
-                key = ("unapproved_flow", sender, tags.get("asset", ""), tags.get("tag", measurement))
+                key = ("unapproved_flow", sender, tags.get("asset", ""), tags.get("tag", measurement), "")
                 refused[key] = refused.get(key, 0) + len(rests)
         for item in raw:
             total += 1
@@ -173,7 +214,7 @@ class BatchAcceptor:
                 kept += 1
             else:
                 labels = labels if isinstance(labels, dict) else {}
-                key = ("unapproved_flow", sender, str(labels.get("asset", "")), str(labels.get("tag", name)))
+                key = ("unapproved_flow", sender, str(labels.get("asset", "")), str(labels.get("tag", name)), "")
                 refused[key] = refused.get(key, 0) + 1
         # The common case keeps every point: store the sender's bytes instead of re-encoding them.
         record = payload if not refused else orjson.dumps({"series": kept_series, "points": kept_raw})
@@ -193,18 +234,24 @@ class BatchAcceptor:
         with self._lock:
             if refused:
                 n = sum(refused.values())
-                log.warning("batch %d from %s: %d points of unapproved flows dropped", seq, sender, n)
                 self.metrics.inc("rejected_total", n, reason="unapproved_flow")
-                records.append(encode_body(self._note_events(refused, "not an approved flow", {"sequence": seq})))
+                extra: dict[str, object] = {"sequence": seq}
+                now = {
+                    key: count
+                    for key, count in refused.items()
+                    if self.limiter.admit(key, count, "not an approved flow", extra) == key
+                }
+                if now:  # repeats within the interval are counted and recorded by flush_events
+                    log.warning("batch %d from %s: %d points of unapproved flows dropped", seq, sender, n)
+                    records.append(encode_body(self._note_events(now, "not an approved flow", extra)))
             if gap > 0:
                 message = (
                     f"sequence gap: expected {last + 1 if last is not None else '?'}, got {seq} ({gap} batches missing)"
                 )
                 log.warning("%s from %s", message, sender)
                 self.metrics.inc("sequence_gaps_total", sender=sender)
-                records.append(
-                    encode_body(self._note_events({("sequence_gap", sender, "", ""): 1}, message, {"sequence": seq}))
-                )
+                gap_key: LimitKey = ("sequence_gap", sender, "", "", "")
+                records.append(encode_body(self._note_events({gap_key: 1}, message, {"sequence": seq})))
             self.spool.append(records)
         self.last_seq[sender] = seq
         atomic_write_json(self._seq_path, self.last_seq)
@@ -215,4 +262,5 @@ class BatchAcceptor:
         return AcceptResult(seq, kept, total - kept, False, gap)
 
     def close(self) -> None:
-        self._audit.close()
+        self.flush_events(force=True)
+        self.audit.close()

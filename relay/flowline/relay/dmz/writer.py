@@ -4,6 +4,13 @@ Reads the DMZ spool in order, writes through the historian writer (batching, ret
 letters), and acknowledges the spool only after InfluxDB took the points. An InfluxDB outage
 therefore fills the DMZ spool (the gateway keeps acking its senders until that is full), and a
 crash replays at most the unacknowledged records, which InfluxDB absorbs idempotently.
+
+At start, and after 30 s without a write, one empty write checks InfluxDB (`HistorianWriter.check`).
+A wrong credential or a missing database is a deployment error: the process says so and exits
+with status 2 (systemd does not restart it in a loop; a person must fix the config). An
+unreachable InfluxDB is expected to come back (start order, maintenance): the writer runs
+degraded, logs every failed attempt with the next retry delay, shows "disconnected since" in its
+status file, and keeps the data in the DMZ spool.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from flowline.core.errors import FlowlineError
 from flowline.core.metrics import Metrics, MetricsReporter
 from flowline.core.points import Point
 from flowline.core.spool import SpoolReader, SpoolRecord
+from flowline.core.status import ProcessStatus
 from flowline.historian.errors import HistorianAuthError, HistorianError, HistorianNotFoundError
 from flowline.historian.paths import dead_letter_path
 from flowline.historian.writer import HistorianWriter
@@ -25,6 +33,8 @@ from flowline.inventory import load_site
 from flowline.relay.body import body_lines, decode_body
 
 log = logging.getLogger("flowline.relay.writer")
+
+CHECK_IDLE_EVERY_S = 30.0  # an idle writer still finds out that InfluxDB went away or the token was revoked
 
 
 class Forwarder:
@@ -51,6 +61,11 @@ class Forwarder:
         self.backoff = Backoff(0.5, 10.0)  # on top of the historian writer's own retry deadline
         self._lock = threading.Lock()  # the historian writer holds one HTTP session
         self.reporter = MetricsReporter(self.metrics, self._write_metrics, config.metrics_interval_s)
+        self.target = self.historian.conn.url
+        self.status = ProcessStatus(config.data_dir, "relay-writer").watch(self.metrics, "sink")
+        self.status.spool("dmz", config.spool_dir("dmz"))
+        self._reachable = False
+        self._last_contact = 0.0  # monotonic time of the last successful check or write
 
     def _write_metrics(self, points: list[Point]) -> None:
         with self._lock:
@@ -91,24 +106,65 @@ class Forwarder:
             self.metrics.set("lag_seconds", max(0.0, time.time() - newest / 1e9))
         return result.written + result.dead_lettered
 
+    def check(self) -> None:
+        """Check InfluxDB once (see the module docstring); a failure raises `HistorianError`."""
+        self.metrics.inc("connect_attempts_total", target=self.target)
+        with self._lock:
+            self.historian.check()
+        self._contact()
+
+    def _contact(self) -> None:
+        self._last_contact = time.monotonic()
+        if not self._reachable:
+            self._reachable = True
+            self.metrics.set("connected", 1, target=self.target)
+            log.info("InfluxDB at %s accepts writes; forwarding the DMZ spool", self.target)
+
+    def _unreachable(self, exc: HistorianError) -> float:
+        """Log and count a failed contact; returns the back-off delay before the next attempt."""
+        self._reachable = False
+        self.metrics.inc("connect_failures_total", target=self.target)
+        self.metrics.set("connected", 0, target=self.target)
+        self.status.connected(self.target, "sink", False, error=str(exc))
+        delay = self.backoff.next_delay()
+        log.error(
+            "%s; running degraded: data stays in the DMZ spool (%d bytes waiting), retrying in %.1f s",
+            exc, self.reader.pending_bytes(), delay,
+        )  # fmt: skip
+        return delay
+
     def run(self) -> None:
         self.reporter.start()
-        print(f"READY relay-writer -> {self.historian.conn.url}", flush=True)  # for supervisors
+        self.status.start()
         try:
+            try:
+                self.check()
+            except (HistorianAuthError, HistorianNotFoundError):
+                raise
+            except HistorianError as exc:
+                self.stop.wait(self._unreachable(exc))
+            print(f"READY relay-writer -> {self.target}", flush=True)  # for supervisors
             while not self.stop.is_set():
                 try:
+                    if not self._reachable or time.monotonic() - self._last_contact > CHECK_IDLE_EVERY_S:
+                        self.check()
                     if not self.step():
                         self.stop.wait(0.05)
                     else:
+                        self._contact()
+                        self.status.ok(self.target, "sink")
                         self.backoff.reset()
                 except (HistorianAuthError, HistorianNotFoundError):
                     raise  # a wrong credential or a missing database needs a person, not a retry loop
                 except HistorianError as exc:
-                    delay = self.backoff.next_delay()
-                    log.warning(
-                        "historian unavailable (%s); data stays in the DMZ spool, retrying in %.1fs", exc, delay
-                    )
-                    self.stop.wait(delay)
+                    self.stop.wait(self._unreachable(exc))
+        except (HistorianAuthError, HistorianNotFoundError) as exc:
+            self.status.fail(str(exc))
+            raise
         finally:
+            if not self._reachable:
+                # Abort first: the final metrics flush would otherwise wait out the retry deadline (60 s).
+                self.historian.close()
             self.reporter.stop()
             self.historian.close()
+            self.status.stop()

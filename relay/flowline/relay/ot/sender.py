@@ -19,6 +19,7 @@ from flowline.core.config import FlowlineConfig, RelayOtConfig
 from flowline.core.errors import FlowlineError
 from flowline.core.metrics import Metrics, MetricsReporter
 from flowline.core.spool import SpoolReader, SpoolWriter
+from flowline.core.status import ProcessStatus
 from flowline.inventory import load_site
 from flowline.relay.frames import LENGTH_PREFIX_BYTES, FrameError, FrameType, decode_frame, encode_frame, frame_length
 from flowline.relay.ot.batching import Batch, BatchBuilder, SequenceJournal
@@ -66,8 +67,11 @@ class OtSender:
         self.ssl = client_context(self.cfg.tls)
         self.target = f"{self.cfg.gateway_host}:{self.cfg.gateway_port}"
         self.metrics = Metrics("relay-ot", load_site(config.site_file).site, config.instance)
+        self.status = ProcessStatus(config.data_dir, "relay-ot").watch(self.metrics, "sink")
         self.metrics.set("connected", 0, target=self.target)
         self.readers = open_ot_spools(config, self.cfg)
+        for name in self.readers:
+            self.status.spool(name, config.spool_dir(name))
         self.builder = BatchBuilder(
             self.readers, self.cfg.batch_max_points, self.cfg.batch_max_bytes, self.cfg.batch_max_latency_ms / 1000
         )
@@ -82,12 +86,21 @@ class OtSender:
     # --- connection -------------------------------------------------------------------------------
 
     def _connect(self) -> ssl.SSLSocket:
-        raw = socket.create_connection((self.cfg.gateway_host, self.cfg.gateway_port), timeout=self.cfg.ack_timeout_s)
+        self.metrics.inc("connect_attempts_total", target=self.target)
+        try:
+            raw = socket.create_connection(
+                (self.cfg.gateway_host, self.cfg.gateway_port), timeout=self.cfg.ack_timeout_s
+            )
+        except OSError as exc:
+            self._connect_failed(exc)
+            raise
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = self.ssl.wrap_socket(raw, server_hostname=self.cfg.tls.server_name or self.cfg.gateway_host)
-        except BaseException:
+        except BaseException as exc:
             raw.close()
+            if isinstance(exc, OSError):
+                self._connect_failed(exc)
             raise
         self._connects += 1
         if self._connects > 1:
@@ -95,6 +108,10 @@ class OtSender:
         self.metrics.set("connected", 1, target=self.target)
         log.info("connected to DMZ gateway %s", self.target)
         return sock
+
+    def _connect_failed(self, exc: OSError) -> None:
+        self.metrics.inc("connect_failures_total", target=self.target)
+        self.status.connected(self.target, "sink", False, error=f"{type(exc).__name__}: {exc}")
 
     def _disconnect(self) -> None:
         if self._sock is not None:
@@ -121,6 +138,7 @@ class OtSender:
             try:
                 self._exchange(batch, frame)
                 self.backoff.reset()
+                self.status.ok(self.target, "sink")
                 return True
             except (OSError, FrameError, AckError) as exc:
                 # OSError covers refused/reset connections, timeouts and TLS alerts (ssl.SSLError).
@@ -173,6 +191,7 @@ class OtSender:
     def run(self) -> None:
         log.info("OT sender %s -> %s, spools %s", self.cfg.sender_id, self.target, ", ".join(self.readers))
         self.reporter.start()
+        self.status.start()
         print(f"READY relay-ot {self.cfg.sender_id} -> {self.target}", flush=True)  # for supervisors
         try:
             while not self.stop.is_set():
@@ -181,3 +200,4 @@ class OtSender:
             self.reporter.stop()
             self._disconnect()
             self._metrics_spool.close()
+            self.status.stop()
