@@ -31,6 +31,16 @@ def write_results(name: str, figures: Mapping[str, float | int | str]) -> Path:
     return path
 
 
+def print_figures(name: str, figures: Mapping[str, float | int | str]) -> Path:
+    """Print the figures one per line, aligned, write them (`write_results`) and say where."""
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    path = write_results(name, figures)
+    print(f"-> {path}")
+    return path
+
+
 def repo_on_path() -> Path:
     """Let a benchmark run as ``python bench/x.py`` import the repo's test rigs (``tests.*``)."""
     import sys

@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results
+from _common import print_figures
 
 from flowline.core.points import Quality, telemetry_point
 from flowline.historian.connection import Connection
@@ -116,10 +116,7 @@ def main() -> None:
                     figures["export-raw_parquet_mib"] = round(out.stat().st_size / 2**20, 1)
         finally:
             influx.stop()
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    print(f"-> {write_results('data_read', figures)}")
+    print_figures("data_read", figures)
 
 
 if __name__ == "__main__":

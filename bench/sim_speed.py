@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results
+from _common import print_figures
 
 from flowline.inventory import load_site
 from flowline.lab.sim.backfill import backfill, backfill_times
@@ -64,10 +64,7 @@ def main() -> None:
         "backfill_s": round(backfill_s, 2),
         "backfill_spool_bytes_per_point": round(spool_bytes / result.points, 1) if spool_bytes else 0,
     }
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    print(f"-> {write_results('sim_speed', figures)}")
+    print_figures("sim_speed", figures)
 
 
 if __name__ == "__main__":

@@ -13,33 +13,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
 
-JSON = dict[str, Any]
-
-
-class RequestRejected(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    template: str
-    pattern: re.Pattern[str]
-    operation: JSON
-
+from tests.openapi_stub import JSON, JsonApiServer, RequestRejected, Route, UndefinedKeys, first_error, path_pattern
 
 # Where the published Swagger file contradicts what Grafana reads and writes (generator artefacts),
 # corrected here and only here, so every other field is checked exactly as published:
@@ -57,7 +38,7 @@ SWAGGER_CORRECTIONS: dict[tuple[str, str], Any] = {
 }
 
 
-class SwaggerContract:
+class SwaggerContract(UndefinedKeys):
     """Path matching and request validation from a Swagger 2.0 document."""
 
     def __init__(self, swagger_path: Path, dashboard_schema_path: Path) -> None:
@@ -68,10 +49,9 @@ class SwaggerContract:
         self.base = self.doc.get("basePath", "")
         routes = []
         for template, ops in self.doc["paths"].items():
-            regex = re.sub(r"\{[^}]+\}", "[^/]+", template)
             for method, op in ops.items():
                 if method != "parameters":
-                    routes.append(Route(method.upper(), template, re.compile(f"^{regex}$"), op))
+                    routes.append(Route(method.upper(), template, path_pattern(template), op))
         # Literal segments win over placeholders (/datasources/uid/x before /datasources/{id}/...).
         self.routes = sorted(routes, key=lambda r: r.template.count("{"))
         self.dashboard_validator = jsonschema.Draft7Validator(
@@ -90,26 +70,10 @@ class SwaggerContract:
                 return r
         raise RequestRejected(405, f"{method} is not defined for {matching[0].template}")
 
-    def _resolve(self, schema: JSON) -> JSON:
+    def _deref(self, schema: JSON) -> JSON:
         while "$ref" in schema:
             schema = self.doc["definitions"][schema["$ref"].removeprefix("#/definitions/")]
         return schema
-
-    def unknown_keys(self, schema: JSON, value: Any, where: str = "body") -> list[str]:
-        schema = self._resolve(schema)
-        out: list[str] = []
-        if isinstance(value, dict) and "properties" in schema:
-            props = schema["properties"]
-            for key, item in value.items():
-                if key not in props:
-                    if schema.get("additionalProperties") in (None, False):
-                        out.append(f"{where}.{key}")
-                    continue
-                out += self.unknown_keys(props[key], item, f"{where}.{key}")
-        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-            for i, item in enumerate(value):
-                out += self.unknown_keys(schema["items"], item, f"{where}[{i}]")
-        return out
 
     def validate_definition(self, name: str, value: Any) -> list[str]:
         """Errors of ``value`` against a definition, unknown keys included (empty when valid)."""
@@ -134,9 +98,9 @@ class SwaggerContract:
         # Swagger 2.0 schemas are JSON Schema draft 4; their $refs point into the document's definitions.
         wrapped = {**schema, "definitions": self.doc["definitions"]} if "$ref" in schema else schema
         validator = jsonschema.Draft4Validator(wrapped)
-        errors = sorted(validator.iter_errors(body), key=lambda e: list(e.path))
-        if errors:
-            raise RequestRejected(400, f"{route.template}: {errors[0].message} at {list(errors[0].path)}")
+        error = first_error(validator.iter_errors(body))
+        if error is not None:
+            raise RequestRejected(400, f"{route.template}: {error.message} at {list(error.path)}")
         unknown = self.unknown_keys(schema, body)
         if unknown:
             raise RequestRejected(400, f"{route.template}: keys the API does not define: {unknown}")
@@ -160,55 +124,15 @@ class GrafanaState:
     )
 
 
-class GrafanaStub:
+class GrafanaStub(JsonApiServer):
     def __init__(self, contract: SwaggerContract, token: str) -> None:
         self.contract = contract
         self.token = token
         self.state = GrafanaState()
-        self.requests: list[tuple[str, str]] = []  # (method, path template)
-        self.rejected: list[str] = []
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> GrafanaStub:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__()
 
     # --- request handling -----------------------------------------------------------------------
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-            def _any(self) -> None:
-                status, payload = stub.handle(self.command, self.path, dict(self.headers), self._body())
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _body(self) -> bytes:
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
-
-        return Handler
 
     def handle(self, method: str, raw_path: str, headers: dict[str, str], raw_body: bytes) -> tuple[int, Any]:
         parts = urlsplit(raw_path)

@@ -29,10 +29,8 @@ import itertools
 import json
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -42,8 +40,9 @@ import requests
 import yaml
 
 from flowline.lab.services import InfluxDServer
+from tests import openapi_stub
+from tests.openapi_stub import JSON, JsonApiServer, RequestRejected, UndefinedKeys, first_error, path_pattern
 
-JSON = dict[str, Any]
 V2_FILE = "influxdb2-oss-openapi.yml"
 V1COMPAT_FILE = "influxdb2-v1compat-openapi.yml"
 # (path, query parameter) the descriptions omit but InfluxData documents for 2.x; each with its source
@@ -60,19 +59,8 @@ def _any_of(node: Any) -> Any:
     return node
 
 
-class RequestRejected(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 @dataclass(frozen=True)
-class Route:
-    method: str
-    template: str
-    pattern: re.Pattern[str]
-    operation: JSON
+class Route(openapi_stub.Route):
     parameters: tuple[JSON, ...]
 
 
@@ -84,7 +72,7 @@ class Request:
     body: Any  # parsed JSON, text, or None
 
 
-class OpenApiContract:
+class OpenApiContract(UndefinedKeys):
     """Routing and request/response validation from one OpenAPI 3.0 document."""
 
     def __init__(self, path: Path) -> None:
@@ -95,11 +83,10 @@ class OpenApiContract:
         routes = []
         for template, item in self.doc["paths"].items():
             shared = [self._deref(p) for p in item.get("parameters", [])]
-            regex = re.sub(r"\{[^}]+\}", "[^/]+", template)
             for method, op in item.items():
                 if method in ("get", "post", "put", "patch", "delete"):
                     params = tuple(shared + [self._deref(p) for p in op.get("parameters", [])])
-                    routes.append(Route(method.upper(), template, re.compile(f"^{regex}$"), op, params))
+                    routes.append(Route(method.upper(), template, path_pattern(template), op, params))
         self.routes = sorted(routes, key=lambda r: r.template.count("{"))  # literal segments first
         self._any_of_components = _any_of(self.doc["components"])
 
@@ -214,9 +201,9 @@ class OpenApiContract:
         """
         components = self._any_of_components if response else self.doc["components"]
         validator = jsonschema.Draft4Validator({**(_any_of(schema) if response else schema), "components": components})
-        errors = sorted(validator.iter_errors(value), key=lambda e: list(e.path))
-        if errors:
-            raise RequestRejected(400, f"{where}: {errors[0].message[:300]} at {list(errors[0].path)}")
+        error = first_error(validator.iter_errors(value))
+        if error is not None:
+            raise RequestRejected(400, f"{where}: {error.message[:300]} at {list(error.path)}")
         unknown = self.unknown_keys(schema, value, "body")
         if unknown:
             raise RequestRejected(400, f"{where}: keys {self.name} does not define: {unknown}")
@@ -234,22 +221,6 @@ class OpenApiContract:
         if not found:
             return None
         return props, schema.get("additionalProperties") in (None, False)
-
-    def unknown_keys(self, schema: JSON, value: Any, where: str) -> list[str]:
-        schema = self._deref(schema)
-        out: list[str] = []
-        described = self._properties(schema)
-        if isinstance(value, dict) and described is not None:
-            props, closed = described
-            for key, item in value.items():
-                if key in props:
-                    out += self.unknown_keys(props[key], item, f"{where}.{key}")
-                elif closed:
-                    out.append(f"{where}.{key}")
-        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-            for i, item in enumerate(value):
-                out += self.unknown_keys(schema["items"], item, f"{where}[{i}]")
-        return out
 
     def response_schema(self, route: Route, status: int) -> JSON | None:
         responses = route.operation["responses"]
@@ -283,8 +254,11 @@ class Influx2State:
     auths: dict[str, Auth] = field(default_factory=dict)  # token -> authorization
 
 
-class Influx2Stub:
+class Influx2Stub(JsonApiServer):
     """See the module docstring. ``requests`` lists (method, described path) of every accepted request."""
+
+    protocol_version = "HTTP/1.1"
+    content_type = "application/json; charset=utf-8"
 
     def __init__(
         self,
@@ -301,59 +275,18 @@ class Influx2Stub:
         org_id = self._id()
         self.state = Influx2State(org={"id": org_id, "name": org})
         self.admin = Auth(self._id(), admin_token, org_id, [], "operator")
-        self.requests: list[tuple[str, str]] = []
-        self.rejected: list[str] = []
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        super().__init__()
 
     def _id(self) -> str:
         return f"{next(self._ids):016x}"
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> Influx2Stub:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-            def _any(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                status, payload = stub.handle(self.command, self.path, dict(self.headers), raw)
-                data = b"" if payload is None else json.dumps(payload).encode()
-                self.send_response(status)
-                if data:
-                    self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
-
-        return Handler
-
     # --- dispatch --------------------------------------------------------------------------------
 
-    def handle(self, method: str, raw_path: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any]:
+    def handle(self, method: str, raw_path: str, headers: dict[str, str], raw_body: bytes) -> tuple[int, Any]:
         parts = urlsplit(raw_path)
         contract = self.v2 if parts.path.startswith(self.v2.prefix + "/") else self.v1
         try:
-            request = contract.check(method, parts.path, parts.query, headers, raw)
+            request = contract.check(method, parts.path, parts.query, headers, raw_body)
             with self._lock:
                 status, payload = self._apply(contract, request, parts.path)
                 self.requests.append((method, contract.prefix + request.route.template))

@@ -9,10 +9,9 @@ none). Bytes are forwarded unchanged; parsing only reads a copy.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 from collections import Counter
+
+from flowline.lab.netem import CuttableTcpProxy, Reader
 
 Message = tuple[str, bytes]  # (topic, payload): unique per message in the tests' sequences
 
@@ -41,74 +40,32 @@ class _Connection:
         self.unacked: dict[int, Message] = {}
 
 
-class MqttTap:
+class MqttTap(CuttableTcpProxy):
+    thread_name = "mqtt-tap"
+    upstream_timeout = None  # an idle MQTT connection is kept alive by the client's PINGREQs, not by us
+
     def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.port: int = self.listener.getsockname()[1]
-        self.connections = 0
+        super().__init__(target)
         self.sessions_resumed = 0  # CONNACKs with "session present": the broker kept our session
         self.deliveries: Counter[Message] = Counter()  # QoS 1 PUBLISHes from the broker to the client
         self.acked: set[Message] = set()  # those the client acknowledged
-        self._lock = threading.Lock()
-        self._socks: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="mqtt-tap", daemon=True)
 
-    def start(self) -> MqttTap:
-        self._thread.start()
-        return self
+    @property
+    def connections(self) -> int:
+        return self.accepted
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.listener.close()
-        self._thread.join(2)
-        with self._lock:
-            socks, self._socks = self._socks, []
-        for sock in socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+    def _readers(self) -> tuple[Reader, Reader]:
+        conn = _Connection()
+        return self._reader(conn, from_client=True), self._reader(conn, from_client=False)
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                broker = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()  # the broker is down: so is the client's connection
-                continue
-            broker.settimeout(None)
-            conn = _Connection()
-            with self._lock:
-                self.connections += 1
-                self._socks += [client, broker]
-            threading.Thread(target=self._pump, args=(client, broker, conn, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(broker, client, conn, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, conn: _Connection, from_client: bool) -> None:
+    def _reader(self, conn: _Connection, from_client: bool) -> Reader:
         buf = bytearray()
-        try:
-            while data := src.recv(1 << 16):
-                buf += data
-                self._parse(buf, conn, from_client)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            with self._lock:
-                self._socks = [s for s in self._socks if s is not src and s is not dst]
-            for sock in (src, dst):
-                sock.close()
+
+        def read(data: bytes) -> None:
+            buf.extend(data)
+            self._parse(buf, conn, from_client)
+
+        return read
 
     def _parse(self, buf: bytearray, conn: _Connection, from_client: bool) -> None:
         """Consume every complete packet at the front of ``buf``."""

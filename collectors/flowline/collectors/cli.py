@@ -82,13 +82,18 @@ def _checked(check: Callable[[], None]) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+CONFIG = click.option(
+    "--config", "config_file", required=True, type=click.Path(path_type=Path), help="Flowline config YAML."
+)
+
+
 @click.group()
 def collect() -> None:
     """OT collectors (OPC UA, MQTT): subscribe, map to site tags, append to the OT spool."""
 
 
 @collect.command()
-@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Flowline config YAML.")
+@CONFIG
 def mqtt(config_file: Path) -> None:
     """Subscribe to the broker in collectors.mqtt (JSON topics and Sparkplug B) until stopped.
 
@@ -104,7 +109,7 @@ def mqtt(config_file: Path) -> None:
 
 
 @collect.command()
-@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Flowline config YAML.")
+@CONFIG
 def opcua(config_file: Path) -> None:
     """Subscribe to the OPC UA servers in collectors.opcua until stopped (reconnects by itself).
 

@@ -139,22 +139,9 @@ class Rule:
         return out
 
     def api_body(self, site: str, folder_uid: str = FOLDER_UID) -> JSON:
-        """``ProvisionedAlertRule`` for ``/api/v1/provisioning/alert-rules``."""
-        return {
-            "uid": self.uid,
-            "orgID": ORG_ID,
-            "folderUID": folder_uid,
-            "ruleGroup": RULE_GROUP,
-            "title": self.title,
-            "condition": self.condition,
-            "data": self.data(),
-            "noDataState": self.no_data,
-            "execErrState": "Error",
-            "for": self.pending,
-            "labels": self.labels(site),
-            "annotations": self.annotations(),
-            "isPaused": False,
-        }
+        """``ProvisionedAlertRule`` for ``/api/v1/provisioning/alert-rules``: the exported rule and where it goes."""
+        rule = self.file_body(site)
+        return {"uid": rule.pop("uid"), "orgID": ORG_ID, "folderUID": folder_uid, "ruleGroup": RULE_GROUP, **rule}
 
     def file_body(self, site: str) -> JSON:
         """``AlertRuleExport`` for a provisioning file."""

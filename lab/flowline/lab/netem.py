@@ -10,6 +10,10 @@ import contextlib
 import random
 import socket
 import threading
+from collections.abc import Callable
+from typing import Self
+
+Reader = Callable[[bytes], None]
 
 
 class LossyUdpProxy:
@@ -52,7 +56,15 @@ class LossyUdpProxy:
 
 
 class CuttableTcpProxy:
-    """A TCP forwarder whose link can be cut: `cut` drops every open connection at once."""
+    """A TCP forwarder whose link can be cut: `cut` drops every open connection at once.
+
+    A subclass can read the bytes as they pass (`_readers`); they are forwarded unchanged.
+    """
+
+    thread_name = "tcp-proxy"
+    # Reads from the far end time out after this many idle seconds (the connect timeout, kept);
+    # None waits for as long as the connection is open.
+    upstream_timeout: float | None = 5
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -65,9 +77,9 @@ class CuttableTcpProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="tcp-proxy", daemon=True)
+        self._thread = threading.Thread(target=self._accept, name=self.thread_name, daemon=True)
 
-    def start(self) -> CuttableTcpProxy:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -84,15 +96,23 @@ class CuttableTcpProxy:
             except OSError:
                 client.close()  # the far end is down: so is the link
                 continue
+            upstream.settimeout(self.upstream_timeout)
+            to_upstream, from_upstream = self._readers()
             with self._lock:
                 self._conns += [client, upstream]
                 self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, read in ((client, upstream, to_upstream), (upstream, client, from_upstream)):
+                threading.Thread(target=self._pump, args=(a, b, read), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _readers(self) -> tuple[Reader | None, Reader | None]:
+        """Per new connection: what reads the bytes going to the far end and those coming back."""
+        return None, None
+
+    def _pump(self, src: socket.socket, dst: socket.socket, read: Reader | None = None) -> None:
         try:
             while data := src.recv(1 << 16):
+                if read is not None:
+                    read(data)  # first: the reader can never see a reply before what it answers
                 dst.sendall(data)
         except OSError:
             return  # one side closed or the link was cut: the connection ends, both sockets close below
