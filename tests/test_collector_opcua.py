@@ -117,9 +117,11 @@ def test_values_types_restart_and_backfill_without_security(tmp_path: Path) -> N
         # restart mid-stream: values written while down come back by HistoryRead, later ones live
         await server.stop()
         await _until(lambda: not session.connected.is_set(), 15, "session loss detected")
+        # Sampled after everything the collector spooled (a server's shutdown notice can carry a
+        # timestamp of its own), so both lie in the gap that the backfill must close.
         now = time.time_ns()
-        await server.set_value("U-1", "t1", 7.0, source_ts=now - 2_000_000_000)
-        await server.set_value("U-1", "t1", 8.0, source_ts=now - 1_000_000_000)
+        await server.set_value("U-1", "t1", 7.0, source_ts=now + 1_000_000)
+        await server.set_value("U-1", "t1", 8.0, source_ts=now + 2_000_000)
         await server.add_variable("U-1", "flag", True, ua.VariantType.Boolean)
         await server.add_variable("U-1", "count", -42, ua.VariantType.Int16)
         await server.add_variable("U-1", "text", 'RUN, mode="auto"', ua.VariantType.String)

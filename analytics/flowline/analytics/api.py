@@ -161,7 +161,9 @@ def report_figure(
         lines = [f"{len(ok)} tags assessed, all below {min_flag.name}"]
         if note is not None:
             lines.append(f"Analysis incomplete: {note}: their assets' health is unknown")
-        _page(fig, f"No assessed series at {min_flag.name} or worse", lines)
+        subject = "asset" if note is None else "assessed series"
+        title = f"No {subject} at {min_flag.name} or worse"
+        _page(fig, title, lines)
     else:
         axes = fig.subplots(len(chosen), 1, squeeze=False)
         for a, row in zip(chosen, axes, strict=False):

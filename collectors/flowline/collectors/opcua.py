@@ -81,6 +81,7 @@ class MonitoredTag:
     node_id: ua.NodeId | None = None
     last_ts_ns: int | None = None  # newest live sample spooled, the start of a backfill
     resumed_ts_ns: int | None = None  # first live sample after a reconnect, the end of a backfill
+    live_since_reconnect: bool = False  # any live notification since the last (re)subscription
 
 
 def _to_ns(value: dt.datetime | None) -> int | None:
@@ -285,6 +286,7 @@ class ServerSession:
         gap_start = {id(t): t.last_ts_ns for t in self.tags}
         for tag in self.tags:
             tag.resumed_ts_ns = None
+            tag.live_since_reconnect = False
         await self._resolve(client)
         await self._subscribe(client)
         self._client = client
@@ -309,7 +311,7 @@ class ServerSession:
         interval_s = self.cfg.publishing_interval_ms / 1000
         await asyncio.sleep(2 * interval_s)
         for _ in range(int(max(5.0, 10 * interval_s) / 0.05)):  # polled: set by the notification path
-            if all(t.resumed_ts_ns is not None for t in tags):
+            if all(t.live_since_reconnect for t in tags):
                 return
             await asyncio.sleep(0.05)
 
@@ -475,6 +477,8 @@ class ServerSession:
         if dv.StatusCode is not None and Quality.from_status_code(dv.StatusCode.value) is Quality.BAD:
             # stored (quality 2, the raw code in `status`) and counted: data that explains a gap, not a reject
             self.metrics.inc("bad_status_total", len(points), server=self.name)
+        if origin is None:
+            tag.live_since_reconnect = True
         if origin is None and dv.SourceTimestamp is not None:
             # only the server's own sample times bound a HistoryRead (not a shutdown notice's local time)
             tag.last_ts_ns = max(tag.last_ts_ns or 0, points[0].timestamp_ns)

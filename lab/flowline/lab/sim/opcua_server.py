@@ -371,6 +371,10 @@ class SimOpcUaServer:
         node = await parent.add_variable(
             var.node_id, ua.QualifiedName(tag, NAMESPACE_INDEX), var.value.Value, var.variant_type
         )
+        # A restart keeps each value with its own status and source time, as a real server does: a
+        # client that reconnects must see the sample it missed, not the same value re-stamped now.
+        if var.value.SourceTimestamp is not None:
+            await server.write_attribute_value(var.node_id, var.value)
         if var.historize:
             await node.write_attribute(AttributeIds.Historizing, ua.DataValue(ua.Variant(True)))
             access = ua.AccessLevel.CurrentRead.mask | ua.AccessLevel.HistoryRead.mask
@@ -378,7 +382,8 @@ class SimOpcUaServer:
             await node.write_attribute(
                 AttributeIds.UserAccessLevel, ua.DataValue(ua.Variant(access, ua.VariantType.Byte))
             )
-        await server.write_attribute_value(var.node_id, var.value)
+        if var.value.SourceTimestamp is not None:
+            await server.write_attribute_value(var.node_id, var.value)
 
 
 async def _exists(node: Node) -> bool:
