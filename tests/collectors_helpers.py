@@ -49,6 +49,14 @@ def write_site(folder: Path, opcua_tags: list[dict[str, Any]] | None = None, nam
     return path
 
 
+def plain_broker(port: int, **fields: Any) -> dict[str, Any]:
+    """``collectors.mqtt.broker`` for a test broker's plain listener (or a tap, or a dead port).
+
+    Plain MQTT is refused unless the config says ``insecure_plain: true``: these tests say it explicitly.
+    """
+    return {"host": "127.0.0.1", "port": port, "insecure_plain": True, **fields}
+
+
 def write_config(folder: Path, site_file: Path, collectors: dict[str, Any], **extra: Any) -> FlowlineConfig:
     doc: dict[str, Any] = {
         "site_file": str(site_file),

@@ -50,7 +50,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from flowline.core.config import load_config
 from flowline.inventory import load_site
 from flowline.lab.netem import CuttableTcpProxy
-from flowline.lab.services import wait_until
+from flowline.lab.services import MosquittoServer, wait_until
 from flowline.lab.sim.mqtt_publisher import payload
 from flowline.lab.stack import LocalStack, StackOptions, StageProcess
 from tests.influx_tap import InfluxWriteTap
@@ -182,10 +182,21 @@ class Taps:
     influx: InfluxWriteTap  # writer -> InfluxDB
 
 
+class _TappableStack(LocalStack):
+    """The lab stack whose Mosquitto also has a plain listener, for the MQTT tap (it reads the packets).
+
+    The lab's broker is TLS only; here only the tap -> Mosquitto hop is plain, on loopback, and the
+    collector's config says ``insecure_plain: true`` for it. The publisher still speaks TLS.
+    """
+
+    def new_mosquitto(self, workdir: Path, **options: Any) -> MosquittoServer:
+        return super().new_mosquitto(workdir, **{**options, "plain": True})
+
+
 @pytest.fixture
 def chaos_stack(tmp_path: Path) -> Iterator[tuple[LocalStack, Taps]]:
     """The stack's services and config, plus a tap in front of each hop the faults hit."""
-    stack = LocalStack(tmp_path / "stack", StackOptions(simulate=False, backfill_days=0))
+    stack = _TappableStack(tmp_path / "stack", StackOptions(simulate=False, backfill_days=0))
     stops: list[Callable[[], None]] = []
     try:
         stack.prepare()
@@ -237,7 +248,7 @@ def run_chaos(stack: LocalStack, taps: Taps, duration: float, rate: float, max_g
     spools = load_config(stack.config_path)
     collector_config = _variant(
         stack, "flowline-collector.yaml",
-        **{"collectors.mqtt.broker": {"port": taps.mqtt.port, "tls": None}},
+        **{"collectors.mqtt.broker": {"port": taps.mqtt.port, "tls": None, "insecure_plain": True}},
     )
     ot_config = _variant(
         stack, "flowline-ot.yaml",

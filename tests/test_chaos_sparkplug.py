@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from flowline.collectors.mqtt import MqttCollector
 from flowline.collectors.sparkplug import DOUBLE, UINT64, MetricSpec, encode_payload
 from flowline.lab.services import MosquittoServer, wait_until
-from tests.collectors_helpers import telemetry, write_config, write_site
+from tests.collectors_helpers import plain_broker, telemetry, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 
 pytestmark = pytest.mark.slow
@@ -129,13 +129,12 @@ def _collector(tmp_path: Path, broker: MosquittoServer, monkeypatch: pytest.Monk
     monkeypatch.setenv("FLOWLINE_TEST_MQTT_PASSWORD", MQTT_PASSWORD)
     section = {
         "mqtt": {
-            "broker": {
-                "host": "127.0.0.1",
-                "port": broker.port,
-                "username": MQTT_USER,
-                "password": {"env": "FLOWLINE_TEST_MQTT_PASSWORD"},
-                "client_id": "sp-chaos-host",
-            },
+            "broker": plain_broker(
+                broker.port,
+                username=MQTT_USER,
+                password={"env": "FLOWLINE_TEST_MQTT_PASSWORD"},
+                client_id="sp-chaos-host",
+            ),
             "sparkplug_allow_rebirth": True,
             "sparkplug_host_id": "flowline-chaos",
         }

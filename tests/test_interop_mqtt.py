@@ -22,7 +22,7 @@ from flowline.collectors.sparkplug import DOUBLE, UINT64, Payload, RebirthLimite
 from flowline.core.config import FlowlineConfig
 from flowline.inventory import SiteFileError, load_site
 from flowline.lab.services import InfluxDServer, MosquittoServer, wait_until
-from tests.collectors_helpers import ODD_TAG, publisher, telemetry, write_config, write_site
+from tests.collectors_helpers import ODD_TAG, plain_broker, publisher, telemetry, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 from tests.test_collector_sparkplug import _double, _sub, _text, _uint
 
@@ -33,13 +33,12 @@ def _password_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def mqtt_section(port: int, **extra: Any) -> dict[str, Any]:
-    broker = {
-        "host": "127.0.0.1",
-        "port": port,
-        "username": MQTT_USER,
-        "password": {"env": "FLOWLINE_TEST_MQTT_PASSWORD"},
-        "client_id": "interop-" + os.urandom(4).hex(),
-    }
+    broker = plain_broker(
+        port,
+        username=MQTT_USER,
+        password={"env": "FLOWLINE_TEST_MQTT_PASSWORD"},
+        client_id="interop-" + os.urandom(4).hex(),
+    )
     return {"mqtt": {"broker": broker, "topic_templates": ["plant/{site}/{asset}/{tag}"], **extra}}
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from flowline.core.status import read_all, status_dir
 from flowline.lab.services import InfluxDServer, MosquittoServer, free_port, wait_until
-from tests.collectors_helpers import write_config, write_site
+from tests.collectors_helpers import plain_broker, write_config, write_site
 from tests.conftest import MQTT_PASSWORD, MQTT_USER
 
 # Every log line: "2026-12-02T01:44:16.303Z LEVEL logger: message" (UTC).
@@ -52,7 +52,7 @@ def _link(doc: dict[str, Any]) -> dict[str, Any]:
 
 def test_mqtt_collector_against_a_dead_port_says_so_and_counts_every_attempt(tmp_path: Path) -> None:
     port = free_port()  # nothing listens here
-    config = write_config(tmp_path, write_site(tmp_path), {"mqtt": {"broker": {"host": "127.0.0.1", "port": port}}})
+    config = write_config(tmp_path, write_site(tmp_path), {"mqtt": {"broker": plain_broker(port)}})
     target = f"mqtt://127.0.0.1:{port}"
     proc = _flowline("collect", "mqtt", "--config", str(tmp_path / "flowline.yaml"))
     try:
@@ -101,8 +101,7 @@ def test_mqtt_collector_status_follows_a_broker_outage(
     broker: MosquittoServer = mosquitto_factory(tls=False)
     password = {"env": "FLOWLINE_TEST_MQTT_PASSWORD"}
     client_id = "c-" + os.urandom(3).hex()
-    section = {"broker": {"host": "127.0.0.1", "port": broker.port, "username": MQTT_USER, "password": password,
-                          "client_id": client_id}}  # fmt: skip
+    section = {"broker": plain_broker(broker.port, username=MQTT_USER, password=password, client_id=client_id)}
     collector = MqttCollector(write_config(tmp_path, write_site(tmp_path), {"mqtt": section}))
     target = collector.target
     collector.start()
@@ -321,8 +320,8 @@ def test_mqtt_collector_with_a_wrong_password_says_the_broker_refused(
     from flowline.collectors.mqtt import MqttCollector
 
     monkeypatch.setenv("FLOWLINE_TEST_MQTT_PASSWORD", "wrong")
-    section = {"broker": {"host": "127.0.0.1", "port": mosquitto.port, "username": MQTT_USER,
-                          "password": {"env": "FLOWLINE_TEST_MQTT_PASSWORD"}}}  # fmt: skip
+    section = {"broker": plain_broker(mosquitto.port, username=MQTT_USER,
+                                      password={"env": "FLOWLINE_TEST_MQTT_PASSWORD"})}  # fmt: skip
     collector = MqttCollector(write_config(tmp_path, write_site(tmp_path), {"mqtt": section}))
     collector.start()
     try:
