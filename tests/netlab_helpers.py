@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,10 +27,19 @@ needs_lab = pytest.mark.skipif(
 PROBE = TagRef("north-field", "P-101", "vibration_rms", "mm/s")  # an approved flow of the demo site
 
 
+DAY_NS = 86_400_000_000_000
+# Probe days start 40 days back (UTC midnight, fixed for the whole test run): far from the simulator's
+# live values, yet inside the raw retention policy (historian.raw_retention, 90 days by default) that
+# the lab's InfluxDB set-up (setup_v1) makes the default. Older points would be dropped by InfluxDB
+# ("points beyond retention policy") and dead-lettered by the writer, as at a site.
+PROBE_EPOCH_NS = (time.time_ns() // DAY_NS - 40) * DAY_NS
+
+
 def probe_range(index: int) -> tuple[int, int]:
-    """A time range of its own per probe, in 2020, far from the simulator's live values."""
-    start = 1_577_836_800_000_000_000 + index * 86_400_000_000_000
-    return start, start + 86_400_000_000_000
+    """A day of its own per probe (index 0 to 30), weeks before the simulator's live values."""
+    assert 0 <= index <= 30, index
+    start = PROBE_EPOCH_NS + index * DAY_NS
+    return start, start + DAY_NS
 
 
 def write_probe(stack: LabStack, index: int, count: int) -> None:

@@ -130,7 +130,11 @@ def test_gateway_fails_closed_when_it_cannot_store(tmp_path: Path, pki: Certific
             sock.sendall(encode_frame(key, FrameType.BATCH, SENDER, 1, 20_000, big, compress_level=0))
             with pytest.raises((ConnectionError, OSError, ssl.SSLError)):
                 read_ack(sock, key)
-        assert gw.gateway.metrics.counter("spool_full_total", spool="dmz") == 1
+        metrics = gw.gateway.metrics
+        # Every batch that is not made durable counts once in store_errors_total, whatever the cause;
+        # spool_full_total / spool_errors_total say which failure it was.
+        assert metrics.counter("spool_full_total", spool="dmz") == 1
+        assert metrics.counter("store_errors_total") == 1
         assert [p for p in dmz_points(rig.dmz) if p.measurement == "telemetry"] == []
         # The audit trail cannot be written: the batch that needs an audit line is not acknowledged.
         gw.gateway.acceptor.audit._fh.close()
@@ -140,7 +144,9 @@ def test_gateway_fails_closed_when_it_cannot_store(tmp_path: Path, pki: Certific
             sock.sendall(encode_frame(key, FrameType.BATCH, SENDER, 2, 5, mixed))
             with pytest.raises((ConnectionError, OSError, ssl.SSLError)):
                 read_ack(sock, key)
-        assert gw.gateway.metrics.counter("store_errors_total") == 1
+        assert metrics.counter("store_errors_total") == 2  # batches 1 and 2, each once
+        assert metrics.counter("spool_full_total", spool="dmz") == 1  # the audit write failed, not a full disk
+        assert metrics.total("spool_errors_total") == 1
         assert gw.gateway.acceptor.last_seq.get(SENDER) is None  # batch 2 was not taken
     finally:
         gw.close()

@@ -98,6 +98,10 @@ class LabStack(LocalStack):
         )
         self.configs: dict[str, Path] = {}
 
+    def setup_historian(self) -> list[str]:
+        # InfluxDB listens on the IT zone's address only: the set-up (LocalStack's, setup_v1) runs there.
+        return in_netns(self.lab.namespaces["it"], super().setup_historian)
+
     def new_mosquitto(self, workdir: Path, **options: Any) -> MosquittoServer:
         return LabMosquitto(workdir, self.lab.namespaces["ot"], **options)
 
@@ -173,10 +177,7 @@ class LabStack(LocalStack):
 
     def process_ids(self) -> dict[str, int]:
         """Process id of every service and stage that runs (each leads its own process group)."""
-        pool: dict[str, ManagedProcess] = {"influxd": self.influx, **self.stages}
-        if self.mosquitto is not None:
-            pool["mosquitto"] = self.mosquitto
-        return {name: p.pid for name, p in pool.items() if p.pid is not None and p.running}
+        return {name: p.pid for name, p in self.processes() if p.pid is not None and p.running}
 
 
 # --- CLI -------------------------------------------------------------------------------------------

@@ -149,12 +149,7 @@ class LocalStack:
 
     def start_services(self) -> None:
         self.influx.start()
-        # The historian's own set-up, as a site runs it: database, retention tiers (raw, rollup_1m,
-        # rollup_1h) and one account per role with only its grants (flowline.historian.setup).
-        influx_admin = self.influx.admin
-        admin = Connection(self.influx.url, DATABASE, username=influx_admin.name, password=influx_admin.password)
-        accounts = {role: Account(name, self.passwords[f"influx-{role}"]) for role, name in INFLUX_ACCOUNTS.items()}
-        setup_v1(admin, HistorianConfig(url=self.influx.url, database=DATABASE), accounts)
+        self.setup_historian()
         self.mosquitto = self.new_mosquitto(
             self.workdir / "mosquitto",
             users={"collector": self.passwords["mqtt-collector"], "sim": self.passwords["mqtt-sim"]},
@@ -163,6 +158,20 @@ class LocalStack:
             plain=False,  # every client here speaks TLS: a plain listener would only be an unused way in
         )
         self.mosquitto.start()
+
+    def setup_historian(self) -> list[str]:
+        """The historian's own set-up, as a site runs it: database, retention tiers (raw, rollup_1m,
+        rollup_1h) and one account per role with only its grants (flowline.historian.setup).
+
+        Returns the statements run (passwords redacted). The network lab runs this from its IT zone.
+        """
+        influx_admin = self.influx.admin
+        admin = Connection(self.influx.url, DATABASE, username=influx_admin.name, password=influx_admin.password)
+        accounts = {role: Account(name, self.passwords[f"influx-{role}"]) for role, name in INFLUX_ACCOUNTS.items()}
+        try:
+            return setup_v1(admin, HistorianConfig(url=self.influx.url, database=DATABASE), accounts)
+        finally:
+            admin.close()  # its socket lives where set-up ran (the lab: the IT namespace)
 
     def new_mosquitto(self, workdir: Path, **options: Any) -> MosquittoServer:
         """The broker (the network lab runs it inside its OT namespace)."""

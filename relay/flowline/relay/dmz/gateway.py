@@ -140,6 +140,8 @@ class Gateway:
         except (SpoolError, OSError) as exc:
             # Not acknowledged: the sender keeps the batch in its own spool and retries later. A plain
             # OSError (ENOSPC, EIO) comes from the sequence file or the audit log on the same disk.
+            # One failed batch (one connection: it closes here) counts once by cause (spool_full_total
+            # or spool_errors_total) and once in store_errors_total, the total of batches not stored.
             if isinstance(exc, SpoolFullError) or (isinstance(exc, OSError) and exc.errno in DISK_FULL):
                 self.metrics.inc("spool_full_total", spool="dmz")
             else:
