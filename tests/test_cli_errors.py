@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from flowline.core.cli import COMMANDS, main
 from flowline.core.errors import ConfigError
 from tests.collectors_helpers import write_site
+from tests.conftest import EXAMPLE_SITE
 
 
 def _leaves(
@@ -90,6 +91,10 @@ CONFIG_COMMANDS = sorted(
 REQUIRED: dict[tuple[str, ...], list[str]] = {
     ("historian", "setup"): ["--admin-password-env", "X"],
     ("assets", "discover"): ["--opcua", "opc.tcp://127.0.0.1:9", "--site", "{site}"],
+    ("export",): ["--out", "{tmp}/out.csv"],
+    ("historian", "setup-v2"): ["--admin-token-env", "X", "--org", "flowline", "--token-dir", "{tmp}"],
+    ("dashboards", "export"): ["--out", "{tmp}/dashboards"],
+    ("dashboards", "provision"): ["--url", "http://127.0.0.1:9", "--token-file", "{token}"],
 }
 
 
@@ -105,7 +110,9 @@ def test_every_command_with_a_bad_config_file_says_so_in_one_line(
     elif config == "wrong-section":
         file.write_text("historian:\n  url: 12\n  no_such_key: 1\n")
     site = str(write_site(tmp_path))
-    extra = [arg.format(site=site) for arg in REQUIRED.get(path, [])]
+    token = tmp_path / "token"
+    token.write_text("t")
+    extra = [arg.format(site=site, tmp=tmp_path, token=token) for arg in REQUIRED.get(path, [])]
     result = CliRunner().invoke(main, [*path, *extra, "--config", str(file)])
     assert result.exit_code in (1, 2), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -120,7 +127,7 @@ def test_python_m_flowline_prints_no_traceback(tmp_path: Path) -> None:
     token.write_text("t")
     proc = subprocess.run(
         [sys.executable, "-m", "flowline.core", "dashboards", "provision", "--url", "http://127.0.0.1:9",
-         "--token-file", str(token)],
+         "--token-file", str(token), "--site", str(EXAMPLE_SITE)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -156,10 +156,12 @@ def test_demo_runs_end_to_end_and_flags_exactly_the_injected_faults(tmp_path: Pa
     assert len(list((workdir / "dashboards").glob("*.json"))) >= 4
     assert "Degrading assets" in result.stdout
     assert summary["analytics_incomplete"] is None  # every series of the demo was assessed
-    # every stage left its status file, and each stopped cleanly (none failed)
+    # every stage left its status file, and each stopped cleanly (none failed); the one-shot rollup
+    # (historian rollup --once) writes its own and ends "stopped" too
     states = {doc["process"]: doc["state"] for doc in read_all(workdir / "data")}
     assert states == dict.fromkeys(
-        ["analytics", "collector-mqtt", "collector-opcua", "relay-dmz", "relay-ot", "relay-writer"], "stopped"
+        ["analytics", "collector-mqtt", "collector-opcua", "relay-dmz", "relay-ot", "relay-writer", "rollup"],
+        "stopped",
     )
     alerting = workdir / "alerting" / "alerting.yaml"
     assert f"Alert rules, contact points and policy (Grafana provisioning): {alerting.resolve()}" in result.stdout

@@ -24,7 +24,7 @@ import yaml
 from flowline.core.status import read_all, status_dir
 from flowline.lab.services import InfluxDServer, MosquittoServer, free_port, wait_until
 from tests.collectors_helpers import plain_broker, write_config, write_site
-from tests.conftest import MQTT_PASSWORD, MQTT_USER
+from tests.conftest import EXAMPLE_SITE, MQTT_PASSWORD, MQTT_USER
 
 # Every log line: "2026-12-02T01:44:16.303Z LEVEL logger: message" (UTC).
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
@@ -257,7 +257,8 @@ def test_dashboards_provision_failures_are_one_line(tmp_path: Path, not_grafana:
     token = tmp_path / "token"
     token.write_text("glsa_x")
     url = f"http://127.0.0.1:{free_port()}" if case == "unreachable" else not_grafana
-    proc = _flowline("dashboards", "provision", "--url", url, "--token-file", str(token))
+    # With a site, as deployed: without one the command first warns what the dashboards lack (a second line).
+    proc = _flowline("dashboards", "provision", "--url", url, "--token-file", str(token), "--site", str(EXAMPLE_SITE))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and out == ""
     assert len(err.strip().splitlines()) == 1, err
@@ -276,8 +277,6 @@ def test_dashboards_provision_failures_are_one_line(tmp_path: Path, not_grafana:
 
 def test_analyze_with_no_history_says_nothing_was_assessed(tmp_path: Path, influx_auth: InfluxDServer) -> None:
     """Every series skipped (no data yet): analyze, its status file and the PNG report say so."""
-    from tests.conftest import EXAMPLE_SITE
-
     database = "empty_" + os.urandom(3).hex()
     influx_auth.create_database(database)
     doc = {

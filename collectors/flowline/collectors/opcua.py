@@ -199,6 +199,7 @@ class ServerSession:
                 watchdog_intervall=self.cfg.keepalive_timeout_s / 2,
             )
             self.metrics.inc("connect_attempts_total", target=self.target)
+            misconfigured = False  # a configuration error is its one ERROR line: the retries are not news
             try:
                 await self._connect(client, lost)
                 delay = self.cfg.reconnect_min_s
@@ -208,6 +209,7 @@ class ServerSession:
                 if not stop.is_set():
                     log.warning("OPC UA session to %s (%s) lost; reconnecting", self.name, self.target)
             except OpcUaSecurityError as exc:
+                misconfigured = True
                 self._failed(exc)
                 self._tell(logging.ERROR, str(exc))
             except (TimeoutError, OSError, UaError, ConnectionError) as exc:
@@ -232,11 +234,12 @@ class ServerSession:
             # full jitter: replicas restarting together do not hammer the server in lock-step
             wait = random.uniform(delay / 2, delay)
             attempts = self.metrics.counter("connect_attempts_total", target=self.target)
-            # The first retry of an outage is a WARNING; later ones are DEBUG (one line per event): the
-            # status file and the periodic status line keep counting the attempts.
+            # The first retry of an outage is a WARNING; later ones, and those after a configuration
+            # error (logged once at ERROR), are DEBUG (one line per event): the status file and the
+            # periodic status line keep counting the attempts.
             failures_in_a_row = self.metrics.counter("connect_failures_total", target=self.target) - self._failures_seen
             log.log(
-                logging.WARNING if failures_in_a_row <= 1 else logging.DEBUG,
+                logging.WARNING if failures_in_a_row <= 1 and not misconfigured else logging.DEBUG,
                 "OPC UA %s (%s): retrying in %.1f s (back-off up to %g s; attempt %d failed)",
                 self.name, self.target, wait, self.cfg.reconnect_max_s, attempts,
             )  # fmt: skip
