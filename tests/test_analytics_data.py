@@ -246,7 +246,8 @@ def test_export_command_and_its_messages(source: DataSource, tmp_path: Path) -> 
     )
     missing = subprocess.run([sys.executable, "-c", blocked], env=env, capture_output=True, text=True)
     assert missing.returncode == 1
-    assert "Parquet needs pyarrow, which is not installed: pip install 'flowline[parquet]'" in missing.stderr
+    expected = "Parquet needs pyarrow, which is not installed: uv sync --extra parquet"
+    assert expected in missing.stderr
     assert "Traceback" not in missing.stderr
 
     unknown = subprocess.run([*base[:4], "--asset", "P-999", "--out", str(tmp_path / "x.csv")], env=env,

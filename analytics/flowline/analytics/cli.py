@@ -115,7 +115,9 @@ def analyze(
     except (ConfigError, SiteFileError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     if dask_scheduler and importlib.util.find_spec("distributed") is None:
-        raise click.ClickException("--dask-scheduler needs Dask: pip install 'flowline[dask]'")
+        raise click.ClickException(
+            "--dask-scheduler needs Dask: uv sync --extra dask (or pip install 'flowline-plant-analytics[dask]')"
+        )
     metrics = Metrics("analytics", site.site, config.instance)
     if period is not None:
         service_logging()

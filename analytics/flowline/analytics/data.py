@@ -45,7 +45,7 @@ from flowline.analytics.backtest import REPLAY_COLUMNS, replay, to_utc
 from flowline.analytics.job import parse_duration, series_specs
 from flowline.analytics.rules import AssessmentRules, rules_for
 from flowline.core.config import FlowlineConfig, HistorianConfig, load_config
-from flowline.core.errors import ConfigError
+from flowline.core.errors import ConfigError, FlowlineError
 from flowline.core.points import TELEMETRY
 from flowline.historian.errors import HistorianError, HistorianUnavailableError
 from flowline.historian.query import HistorianReader, measurement_ref, quote_ident, quote_literal, to_ns
@@ -580,7 +580,7 @@ class _CsvSink(_Sink):
         self.handle.close()
 
 
-class ParquetUnavailableError(RuntimeError):
+class ParquetUnavailableError(FlowlineError):
     """pyarrow is not installed."""
 
 
@@ -590,7 +590,8 @@ def _pyarrow() -> Any:
         import pyarrow.parquet
     except ImportError as exc:
         raise ParquetUnavailableError(
-            "Parquet needs pyarrow, which is not installed: pip install 'flowline[parquet]' "
+            "Parquet needs pyarrow, which is not installed: uv sync --extra parquet "
+            "(or pip install 'flowline-plant-analytics[parquet]') "
             "(or write CSV: --format csv / a .csv file name)"
         ) from exc
     return pyarrow

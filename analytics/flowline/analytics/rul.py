@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from flowline.core.errors import FlowlineError
 
-class RulError(ValueError):
+
+class RulError(FlowlineError):
     """Training data that cannot be learned from (missing columns, too few units)."""
 
 

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+from flowline.core.errors import FlowlineError
+
 T = TypeVar("T")
 Mode = Literal["tcp", "diode"]
 
@@ -48,7 +50,7 @@ CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 
 
-class LabError(RuntimeError):
+class LabError(FlowlineError):
     """The lab cannot be built or used here (not root, tools missing, a command failed)."""
 
 
