@@ -94,14 +94,17 @@ class EdgeNode:
                 self.acked[i] = time.monotonic()
 
     def publish(self) -> None:
+        if not self.client.is_connected():
+            return  # Sparkplug data is live data: an edge node does not queue it while offline
         with self._lock:
-            if not self.client.is_connected():
-                return  # Sparkplug data is live data: an edge node does not queue it while offline
             self.seq = (self.seq + 1) % 256
-            i = self.sent
+            i, seq = self.sent, self.seq
             self.sent += 1
-            metric = MetricSpec(None, float(i), DOUBLE, alias=1, timestamp_ms=T0_MS + i)
-            info = self.client.publish(TOPIC.format(kind="NDATA"), encode_payload([metric], seq=self.seq), qos=1)
+        metric = MetricSpec(None, float(i), DOUBLE, alias=1, timestamp_ms=T0_MS + i)
+        # Not under our lock: paho's network thread calls `_on_publish` (which takes our lock) while it
+        # holds its own message mutex, which `publish` needs too; both locks at once would deadlock.
+        info = self.client.publish(TOPIC.format(kind="NDATA"), encode_payload([metric], seq=seq), qos=1)
+        with self._lock:
             if info.mid in self._early:
                 self.acked[i] = self._early.pop(info.mid)
             else:
