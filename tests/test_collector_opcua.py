@@ -324,8 +324,13 @@ def test_values_refused_by_a_full_spool_are_read_back_by_history(tmp_path: Path)
         await server.set_value("U-1", "t1", 9.0)
         await _until(lambda: any(p.fields.get("value") == 9.0 for p in _values(spool, "t1")), 15, "live again")
         await _until(lambda: len(_values(spool, "t1", origin="backfill")) >= 2, 15, "the refused values read back")
-        assert [p.fields["value"] for p in _values(spool, "t1", origin="backfill")] == [-7.0, -8.0]
-        assert [p.fields["value"] for p in _values(spool, "t1") if "origin" not in p.tags][-1] == 9.0  # live once
+        backfilled = [float(p.fields["value"]) for p in _values(spool, "t1", origin="backfill")]
+        live = [float(p.fields["value"]) for p in _values(spool, "t1") if "origin" not in p.tags]
+        assert backfilled[-2:] == [-7.0, -8.0]
+        # The fill's last live value may have been refused too (the batch that found the spool full):
+        # then it is read back as well, and never stored twice.
+        assert all(v > 100 for v in backfilled[:-2]) and not set(backfilled) & set(live), (backfilled, live)
+        assert live[-1] == 9.0  # live once
 
     def config(url: str) -> FlowlineConfig:
         return write_config(
