@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from asyncua import ua
 
-from flowline.collectors.opcua import OpcUaCollector
+from flowline.collectors.opcua import OpcUaCollector, ServerSession
 from flowline.collectors.opcua_security import OpcUaSecurityError
 from flowline.core.config import FlowlineConfig
 from flowline.core.points import Point, Quality
@@ -94,6 +94,13 @@ async def _run(
         await server.stop()
 
 
+def _assert_gap_closed_once(spool: Path, outage_from_ns: int) -> None:
+    """7.0 was written only while the server was down; 8.0 then, and 9.0 after: each stored once."""
+    after = [(p.fields["value"], p.tags.get("origin")) for p in _values(spool, "t1") if p.timestamp_ns > outage_from_ns]
+    assert sorted(v for v, _ in after) == [7.0, 8.0, 9.0], after
+    assert (7.0, "backfill") in after and (9.0, None) in after
+
+
 def test_values_types_restart_and_backfill_without_security(tmp_path: Path) -> None:
     site_file = write_site(tmp_path, SIM_TAGS + EXTRA_TAGS)
     sim_site = load_site(write_site(tmp_path, SIM_TAGS, name="sim-site.yaml"))
@@ -132,8 +139,7 @@ def test_values_types_restart_and_backfill_without_security(tmp_path: Path) -> N
         await server.set_value("U-1", "t1", 9.0)
         await _until(lambda: any(p.fields.get("value") == 9.0 for p in _values(spool, "t1")), 15, "live after restart")
         await _until(lambda: len(_values(spool, "t1", origin="backfill")) >= 1, 15, "backfill")
-        assert [p.fields["value"] for p in _values(spool, "t1", origin="backfill")] == [7.0]
-        assert [p.fields["value"] for p in _values(spool, "t1") if "origin" not in p.tags][-2:] == [8.0, 9.0]
+        _assert_gap_closed_once(spool, now)
         assert collector.metrics.counter("reconnects_total", target=session.target) >= 1
         await _until(lambda: len(_values(spool, "arr")) == 3, 10, "array flattened")
         assert {(p.tags["index"], p.fields["value"]) for p in _values(spool, "arr")} == {
@@ -156,6 +162,39 @@ def test_values_types_restart_and_backfill_without_security(tmp_path: Path) -> N
         await _until(lambda: any(p.fields.get("value") == 6.0 for p in _values(spool, "t1")), 10, "after bad ts")
         assert collector.metrics.counter("rejected_total", reason="timestamp_out_of_window") == 1
         assert not any(p.fields.get("value") == 5.0 for p in _values(spool, "t1"))
+
+    asyncio.run(_run(tmp_path, server, lambda url: write_config(tmp_path, site_file, _opcua_section(url, NONE)), body))
+
+
+def test_backfill_racing_the_first_live_value_stores_each_sample_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a loaded host the server's first notification after a reconnect can come after the
+    backfill read, or during it: either way the sample both return is stored once."""
+
+    async def no_wait(self: ServerSession, tags: list[Any]) -> None:
+        return None
+
+    monkeypatch.setattr(ServerSession, "_await_first_live", no_wait)
+    site_file = write_site(tmp_path, SIM_TAGS)
+    server = SimOpcUaServer(load_site(write_site(tmp_path, SIM_TAGS, name="sim-site.yaml")))
+
+    async def body(collector: OpcUaCollector, spool: Path) -> None:
+        session = collector.sessions[0]
+        await _until(session.connected.is_set, 15, "connected")
+        await server.set_value("U-1", "t1", 1.0)
+        await _until(lambda: any(p.fields.get("value") == 1.0 for p in _values(spool, "t1")), 10, "t1")
+        await server.stop()
+        await _until(lambda: not session.connected.is_set(), 15, "session loss detected")
+        now = time.time_ns()
+        await server.set_value("U-1", "t1", 7.0, source_ts=now + 1_000_000)
+        await server.set_value("U-1", "t1", 8.0, source_ts=now + 2_000_000)
+        await server.start()
+        await _until(lambda: session.connections >= 2, 30, "reconnected")
+        await _until(lambda: collector.metrics.counter("backfilled_total") >= 1, 15, "backfill")
+        await server.set_value("U-1", "t1", 9.0)
+        await _until(lambda: any(p.fields.get("value") == 9.0 for p in _values(spool, "t1")), 15, "live after restart")
+        _assert_gap_closed_once(spool, now)
 
     asyncio.run(_run(tmp_path, server, lambda url: write_config(tmp_path, site_file, _opcua_section(url, NONE)), body))
 

@@ -81,6 +81,9 @@ class MonitoredTag:
     node_id: ua.NodeId | None = None
     last_ts_ns: int | None = None  # newest live sample spooled, the start of a backfill
     resumed_ts_ns: int | None = None  # first live sample after a reconnect, the end of a backfill
+    # Newest sample a backfill stored. A live notification that arrives only after the backfill
+    # ran (a slow server or host) repeats such a sample; it is dropped, not stored twice.
+    backfilled_to_ns: int | None = None
     live_since_reconnect: bool = False  # any live notification since the last (re)subscription
 
 
@@ -289,6 +292,7 @@ class ServerSession:
         gap_start = {id(t): t.last_ts_ns for t in self.tags}
         for tag in self.tags:
             tag.resumed_ts_ns = None
+            tag.backfilled_to_ns = None
             tag.live_since_reconnect = False
         await self._resolve(client)
         await self._subscribe(client)
@@ -477,6 +481,10 @@ class ServerSession:
             # anything unforeseen in one value must not lose the rest of its publish response
             self._reject(tag, dv, Rejected("wrong_type", f"cannot convert: {type(exc).__name__}: {exc}"))
             return
+        repeated = tag.backfilled_to_ns is not None and (_to_ns(dv.SourceTimestamp) or 0) <= tag.backfilled_to_ns
+        if origin is None and repeated:
+            self.metrics.inc("backfill_overlap_total", server=self.name)
+            return
         if dv.StatusCode is not None and Quality.from_status_code(dv.StatusCode.value) is Quality.BAD:
             # stored (quality 2, the raw code in `status`) and counted: data that explains a gap, not a reject
             self.metrics.inc("bad_status_total", len(points), server=self.name)
@@ -563,17 +571,21 @@ class ServerSession:
 
         async def one(tag: MonitoredTag) -> int:
             start_ns = gap_start[id(tag)] or 0
-            end_ns = tag.resumed_ts_ns or outage_end
             assert tag.node_id is not None
             async with limiter:
                 values = await client.get_node(tag.node_id).read_raw_history(
                     dt.datetime.fromtimestamp(start_ns / 1e9, dt.UTC),
-                    dt.datetime.fromtimestamp(end_ns / 1e9, dt.UTC),
+                    dt.datetime.fromtimestamp((tag.resumed_ts_ns or outage_end) / 1e9, dt.UTC),
                     return_bounds=False,
                 )
+            # Bounded again after the read: a live value that arrived meanwhile is already stored.
+            end_ns = tag.resumed_ts_ns or outage_end
             fresh = [dv for dv in values if start_ns < (_to_ns(dv.SourceTimestamp) or 0) < end_ns]
             for dv in fresh:
                 self._accept(tag, dv, origin="backfill")
+            if fresh:
+                newest = max(_to_ns(dv.SourceTimestamp) or 0 for dv in fresh)
+                tag.backfilled_to_ns = max(tag.backfilled_to_ns or 0, newest)
             return len(fresh)
 
         results = await asyncio.gather(*(one(t) for t in gaps), return_exceptions=True)
