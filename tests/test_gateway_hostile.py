@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import time
 from collections.abc import Iterator
@@ -42,7 +43,9 @@ def connect_from_attacker(rig: RelayRig) -> socket.socket:
 
 
 def test_half_open_handshakes_are_bounded_per_source_and_a_sender_still_gets_through(rig: RelayRig) -> None:
+    started = time.monotonic()
     half_open = [connect_from_attacker(rig) for _ in range(200)]  # connect, then say nothing
+    refusing_s = time.monotonic() - started  # refusals happen at accept, while these connect
     try:
         closed = 0
         for sock in half_open:
@@ -58,8 +61,11 @@ def test_half_open_handshakes_are_bounded_per_source_and_a_sender_still_gets_thr
             return [a for a in audit(rig) if a["reason"] == "connection_limit"]
 
         wait_until(lambda: sum(int(str(a["count"])) for a in limit_lines()) == 192, 15, "192 refusals audited")
-        # One line at the first refusal, one with the count of the others when the interval ended.
-        assert len(limit_lines()) == 2 and {a["source"] for a in limit_lines()} == {ATTACKER}
+        # One line at the first refusal, then one with the count of the others per 1 s interval
+        # (2 lines when the connects take under a second; a loaded host spreads them over more).
+        assert 2 <= len(limit_lines()) <= 2 + math.ceil(refusing_s) and {a["source"] for a in limit_lines()} == {
+            ATTACKER
+        }
     finally:
         for sock in half_open:
             sock.close()
