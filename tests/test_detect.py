@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -161,10 +162,27 @@ def test_surprise_alerts_once_per_episode_and_rarely_on_noise() -> None:
     assert (quiet["alert"] >= settings.watch_surprise).sum() == 0
     assert (quiet["flag"] == "WATCH").sum() == 0
     shifted = noise.copy()
-    shifted[n // 2 :] += 12.0  # a level shift: surprising for many rows, alerted at its start only
+    shifted[n // 2 :] += 12.0  # a level shift: surprising for many rows, alerted at its start
     out = score_series(times, shifted, settings)
     assert (out["surprise"].iloc[n // 2 : n // 2 + 6] >= settings.watch_surprise).sum() >= 4
     alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
-    assert alerts[0] == n // 2 and alerts[-1] <= n // 2 + 2, alerts  # a second only if 10x more surprising
+    # Again only while the recent mean makes it a thousand times less likely each time: within the
+    # first shift_span rows, then silence for the rest of the two weeks.
+    assert alerts[0] == n // 2 and alerts[-1] < n // 2 + settings.shift_span, alerts
     assert out["false_alerts_per_week"].iloc[n // 2] < 1e-6
     assert out["flag"].iloc[n // 2] == "WATCH"
+
+
+def test_small_shift_found_by_the_recent_mean_not_by_any_single_row() -> None:
+    rng = np.random.default_rng(5)
+    n = 2 * 7 * 288  # two weeks of 5-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="5min", tz="UTC")
+    values = rng.normal(10.0, 1.0, n)
+    values[n // 2 :] += 3.0  # three noise units: no single row is a 1-in-10^10 event
+    settings = DetectorSettings(season_hours=0)
+    one_step = score_series(times, values, replace(settings, shift_span=0))
+    assert one_step["surprise"].max() < settings.watch_surprise
+    out = score_series(times, values, settings)
+    alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
+    assert len(alerts) >= 1 and n // 2 <= alerts[0] <= n // 2 + 12, alerts  # within an hour of the step
+    assert out["flag"].iloc[alerts[0]] == "WATCH"

@@ -54,8 +54,9 @@ class DetectorSettings:
     # alert per episode; see `surprise`.
     surprise_span: float = 50.0  # rows of the level the next value is compared with
     surprise_memory: float = 3000.0  # rows of the robust noise scale (slow: a fault must not become noise)
+    shift_span: float = 8.0  # rows of the recent mean also compared with that level (0: one-step only)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
-    realert_margin: float = 1.0  # ... by this much (1 = ten times less likely): one alert per episode
+    realert_margin: float = 3.0  # ... by this much (3 = a thousand times less likely): one alert per episode
     watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
@@ -111,20 +112,35 @@ def _prior(x: np.ndarray) -> np.ndarray:
 
 
 def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tuple[np.ndarray, np.ndarray]:
-    """(surprise, alert) per row, causal. ``surprise`` = -log10 of the two-sided normal probability of
-    the row's deviation from the level of the rows before it, in units of a robust noise scale (mean
-    absolute deviation x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows, known before
-    the row). ``alert`` is the surprise where it beats every surprise of the previous
-    ``realert_hours`` by ``realert_margin`` and 0 elsewhere: about one alert per episode (a level
-    shift surprises for many rows; an operator wants to hear about it once, and a new, ten times
-    less likely one still alerts)."""
-    n = len(x)
-    level = _ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0])
-    err = x - _prior(level)
-    mad = _prior(_ewma(np.abs(err), 2.0 / (settings.surprise_memory + 1.0), abs(err[1]) if n > 1 else 0.0))
-    scale = np.maximum(mad * math.sqrt(math.pi / 2), 1e-9 * (np.abs(level) + 1.0))
-    z = np.abs(err) / scale
-    value = -(math.log(2.0) + log_ndtr(-z)) / math.log(10.0)
+    """(surprise, alert) per row, causal.
+
+    Two statistics compare the recent past with the level of the rows before it (an exponentially
+    weighted mean over ``surprise_span`` rows): the row itself (a spike) and the exponentially
+    weighted mean of the last ``shift_span`` rows (a shift too small for any single row to stand out,
+    e.g. a step of two noise units, which eight rows make clear). Each is divided by its own robust
+    scale (mean absolute value x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows,
+    known before the row), so the autocorrelation of the averaged statistic is measured, not assumed.
+    ``surprise`` = -log10 of the two-sided normal probability of the larger one, Bonferroni-corrected
+    for the two looks (+log10 2 on the probability), so 10^-surprise stays a conservative
+    false-alert probability per row under Gaussian noise.
+
+    ``alert`` is the surprise where it beats every surprise of the previous ``realert_hours`` by
+    ``realert_margin`` and 0 elsewhere: about one alert per episode (a level shift surprises for
+    many rows; an operator wants to hear about it once, and a new, a thousand times less likely one
+    still alerts).
+    """
+    level = _prior(_ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0]))
+    floor = 1e-9 * (np.abs(level) + 1.0)
+    mad_alpha = 2.0 / (settings.surprise_memory + 1.0)
+    recents = [x]
+    if settings.shift_span > 1:
+        recents.append(_ewma(x, 2.0 / (settings.shift_span + 1.0), x[0]))
+    z = np.zeros(len(x))
+    for recent in recents:
+        dev = np.abs(recent - level)
+        mad = _prior(_ewma(dev, mad_alpha, float(dev[1]) if len(x) > 1 else 0.0))
+        z = np.maximum(z, dev / np.maximum(mad * math.sqrt(math.pi / 2), floor))
+    value = np.maximum(-(math.log(2.0 * len(recents)) + log_ndtr(-z)) / math.log(10.0), 0.0)
     value[0] = 0.0
     # Running maximum over the previous realert window, by time: a monotone deque would be O(n) too,
     # but a window count per row keeps it vectorised with a sparse table of maxima.
