@@ -57,7 +57,7 @@ class DetectorSettings:
     shift_span: float = 8.0  # rows of the recent mean also compared with that level (0: one-step only)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
     realert_margin: float = 3.0  # ... by this much (3 = a thousand times less likely): one alert per episode
-    novelty_days: float = 4.0  # a deviation no larger than one of these days ranks at most at WATCH (0: off)
+    novelty_days: float = 4.0  # a deviation no larger than one of these days stays below WATCH (0: off)
     watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
@@ -128,7 +128,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     Novelty (the range idea of CAD OSE, on deviations): a row whose deviations (each look, signed)
     stay within the range the tag showed over the previous ``novelty_days`` has done this before,
     however improbable the Gaussian model finds it (heavy tails, recurring bursts); its surprise is
-    capped at ``watch_surprise``, so only a deviation beyond that range ranks above WATCH.
+    capped one decade below ``watch_surprise``, so only a deviation beyond that range raises WATCH.
 
     ``alert`` is the surprise where it beats every surprise of the previous ``realert_hours`` by
     ``realert_margin`` and 0 elsewhere: about one alert per episode (a level shift surprises for
@@ -153,7 +153,8 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     value = np.maximum(-(math.log(2.0 * len(recents)) + log_ndtr(-z)) / math.log(10.0), 0.0)
     value[0] = 0.0
     if settings.novelty_days > 0:
-        value = np.where(novel, value, np.minimum(value, settings.watch_surprise))
+        # A decade below WATCH: the surprise column still shows it, the WATCH level is not reached.
+        value = np.where(novel, value, np.minimum(value, settings.watch_surprise - 1.0))
     # Running maximum over the previous realert window, by time: a monotone deque would be O(n) too,
     # but a window count per row keeps it vectorised with a sparse table of maxima.
     start = np.searchsorted(t_ns, t_ns - settings.realert_hours * 3.6e12, side="left")
