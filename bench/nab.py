@@ -2,11 +2,11 @@
 
 Every data file of a NAB kit is scored causally by `flowline.analytics.detect.score_series` (the
 code `flowline detect` runs) with the default `DetectorSettings`: no per-file settings, no labels.
-The ``alert`` column (the row's surprise where it beats every surprise of the previous 24 h, else
-0) is the anomaly score. A NAB scorer then reports the three profiles with one threshold per
-profile optimised over the files (what NAB's published scores do) and at the product's default
-WATCH level (``watch_surprise``), the operating point a user gets. The alerts outside labelled
-windows per tag and week at that level are the measured false-alert rate.
+The ``alert`` column (the row's surprise where it beats every surprise of the previous 24 h by
+``realert_margin``, else 0) is the anomaly score. A NAB scorer then reports the three profiles with
+one threshold per profile optimised over the files (what NAB's published scores do) and at the
+product's default WATCH level (``watch_surprise``), the operating point a user gets. The alerts
+outside labelled windows per tag and week at that level are the measured false-alert rate.
 
 Needs a NAB kit (``data/``, ``labels/``, ``config/``) and a scorer that follows NAB's rules and
 takes ``--nab DIR --results DIR --json OUT [--fixed-threshold X]``:

@@ -54,8 +54,10 @@ class DetectorSettings:
     # alert per episode; see `surprise`.
     surprise_span: float = 50.0  # rows of the level the next value is compared with
     surprise_memory: float = 3000.0  # rows of the robust noise scale (slow: a fault must not become noise)
+    shift_span: float = 8.0  # rows of the recent mean also compared with that level (0: one-step only)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
-    realert_margin: float = 1.0  # ... by this much (1 = ten times less likely): one alert per episode
+    realert_margin: float = 3.0  # ... by this much (3 = a thousand times less likely): one alert per episode
+    novelty_days: float = 4.0  # a deviation or pattern shown in these days stays below WATCH (0: off)
     watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
@@ -111,27 +113,76 @@ def _prior(x: np.ndarray) -> np.ndarray:
 
 
 def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tuple[np.ndarray, np.ndarray]:
-    """(surprise, alert) per row, causal. ``surprise`` = -log10 of the two-sided normal probability of
-    the row's deviation from the level of the rows before it, in units of a robust noise scale (mean
-    absolute deviation x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows, known before
-    the row). ``alert`` is the surprise where it beats every surprise of the previous
-    ``realert_hours`` by ``realert_margin`` and 0 elsewhere: about one alert per episode (a level
-    shift surprises for many rows; an operator wants to hear about it once, and a new, ten times
-    less likely one still alerts)."""
-    n = len(x)
-    level = _ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0])
-    err = x - _prior(level)
-    mad = _prior(_ewma(np.abs(err), 2.0 / (settings.surprise_memory + 1.0), abs(err[1]) if n > 1 else 0.0))
-    scale = np.maximum(mad * math.sqrt(math.pi / 2), 1e-9 * (np.abs(level) + 1.0))
-    z = np.abs(err) / scale
-    value = -(math.log(2.0) + log_ndtr(-z)) / math.log(10.0)
+    """(surprise, alert) per row, causal.
+
+    Two statistics compare the recent past with the level of the rows before it (an exponentially
+    weighted mean over ``surprise_span`` rows): the row itself (a spike) and the exponentially
+    weighted mean of the last ``shift_span`` rows (a shift too small for any single row to stand out,
+    e.g. a step of two noise units, which eight rows make clear). Each is divided by its own robust
+    scale (mean absolute value x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows,
+    known before the row), so the autocorrelation of the averaged statistic is measured, not assumed.
+    ``surprise`` = -log10 of the two-sided normal probability of the larger one, Bonferroni-corrected
+    for the two looks (+log10 2 on the probability), so 10^-surprise stays a conservative
+    false-alert probability per row under Gaussian noise.
+
+    Novelty (the ideas of CAD OSE: a range learned so far, and contexts of recent quantised values):
+    a row has done this before, however improbable the Gaussian model finds it (heavy tails,
+    recurring bursts), when its deviations (each look, signed) stay within the range the tag showed
+    over the previous ``novelty_days``, or when the pattern of its last ``shift_span`` rows (each
+    row's signed deviation in octaves of the noise scale) already occurred in that time. Its surprise
+    is capped one decade below ``watch_surprise``: only a new deviation in a new pattern raises WATCH.
+
+    ``alert`` is the surprise where it beats every surprise of the previous ``realert_hours`` by
+    ``realert_margin`` and 0 elsewhere: about one alert per episode (a level shift surprises for
+    many rows; an operator wants to hear about it once, and a new, a thousand times less likely one
+    still alerts).
+    """
+    level = _prior(_ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0]))
+    floor = 1e-9 * (np.abs(level) + 1.0)
+    mad_alpha = 2.0 / (settings.surprise_memory + 1.0)
+    recents = [x]
+    if settings.shift_span > 1:
+        recents.append(_ewma(x, 2.0 / (settings.shift_span + 1.0), x[0]))
+    z = np.zeros(len(x))
+    octave = np.zeros(len(x), dtype=np.int64)
+    novel = np.zeros(len(x), dtype=bool)
+    seen_from = np.searchsorted(t_ns, t_ns - settings.novelty_days * 86400e9, side="left")
+    for recent in recents:
+        signed = recent - level
+        dev = np.abs(signed)
+        mad = _prior(_ewma(dev, mad_alpha, float(dev[1]) if len(x) > 1 else 0.0))
+        z_look = dev / np.maximum(mad * math.sqrt(math.pi / 2), floor)
+        if recent is x:
+            # |z| < 2 is 0, 2-4 is +-1, 4-8 is +-2, ...: coarse enough for a pattern to recur.
+            octave = (np.sign(signed) * np.floor(np.log2(np.maximum(z_look, 1.0)))).astype(np.int64)
+        z = np.maximum(z, z_look)
+        novel |= (signed > _window_max(signed, seen_from)) | (-signed > _window_max(-signed, seen_from))
+    value = np.maximum(-(math.log(2.0 * len(recents)) + log_ndtr(-z)) / math.log(10.0), 0.0)
     value[0] = 0.0
+    if settings.novelty_days > 0:
+        novel &= ~_pattern_seen(octave, max(int(settings.shift_span), 1), seen_from)
+        # A decade below WATCH: the surprise column still shows it, the WATCH level is not reached.
+        value = np.where(novel, value, np.minimum(value, settings.watch_surprise - 1.0))
     # Running maximum over the previous realert window, by time: a monotone deque would be O(n) too,
     # but a window count per row keeps it vectorised with a sparse table of maxima.
     start = np.searchsorted(t_ns, t_ns - settings.realert_hours * 3.6e12, side="left")
     previous = _window_max(value, start)
     alert = np.where(value > previous + settings.realert_margin, value, 0.0)
     return value, alert
+
+
+def _pattern_seen(octave: np.ndarray, length: int, seen_from: np.ndarray) -> np.ndarray:
+    """Per row: did the same sequence of ``length`` octaves (this row's and the ones before it) end at
+    an earlier row ``>= seen_from``? Exact (no hashing): sequences are numbered by `np.unique`."""
+    n = len(octave)
+    padded = np.concatenate([np.zeros(length - 1, dtype=np.int64), octave])
+    _, ids = np.unique(np.lib.stride_tricks.sliding_window_view(padded, length), axis=0, return_inverse=True)
+    ids = ids.ravel()
+    order = np.argsort(ids, kind="stable")  # rows of one sequence, in time order
+    previous = np.full(n, -1)
+    same = ids[order[1:]] == ids[order[:-1]]
+    previous[order[1:][same]] = order[:-1][same]
+    return np.asarray(previous >= seen_from)
 
 
 def _window_max(v: np.ndarray, start: np.ndarray) -> np.ndarray:
