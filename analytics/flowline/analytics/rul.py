@@ -60,6 +60,16 @@ class RulSettings:
     bands: int = 4  # bands of predicted RUL with their own error quantiles
 
 
+def _views(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Consecutive pieces of ``flat`` shaped as ``shapes`` (views: writing to them writes to it)."""
+    out, offset = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[offset : offset + size].reshape(shape))
+        offset += size
+    return out
+
+
 @dataclass
 class _Net:
     """One fitted perceptron, with the scaling of its inputs and target."""
@@ -79,12 +89,19 @@ class _Net:
         y_mean, y_std = float(y.mean()), float(y.std()) or 1.0
         xs, ys = (x - x_mean) / x_std, (y - y_mean) / y_std
         sizes = [x.shape[1], *s.hidden, 1]
-        weights = [rng.normal(0.0, np.sqrt(2.0 / a), (a, b)) for a, b in itertools.pairwise(sizes)]
-        biases = [np.zeros(b) for b in sizes[1:]]
-        params = [*weights, *biases]
-        first = [np.zeros_like(p) for p in params]
-        second = [np.zeros_like(p) for p in params]
-        layers, step = len(weights), 0
+        shapes = [*itertools.pairwise(sizes), *((b,) for b in sizes[1:])]
+        # All parameters live in one flat vector (the weights and biases are views of it), so that an
+        # Adam step is a few whole-vector operations rather than a few per layer.
+        params = np.zeros(sum(int(np.prod(shape)) for shape in shapes))
+        grads = np.zeros_like(params)
+        layers = len(sizes) - 1
+        views = _views(params, shapes)
+        weights, biases = views[:layers], views[layers:]
+        grad_views = _views(grads, shapes)
+        for w in weights:
+            w[:] = rng.normal(0.0, np.sqrt(2.0 / w.shape[0]), w.shape)
+        first, second = np.zeros_like(params), np.zeros_like(params)
+        step = 0
         for epoch in range(s.epochs):
             # Cosine decay: large steps first, then settle, without a schedule to tune.
             rate = s.learning_rate * 0.5 * (1.0 + np.cos(np.pi * epoch / s.epochs))
@@ -96,21 +113,19 @@ class _Net:
                     pre = acts[-1] @ weights[k] + biases[k]
                     acts.append(np.maximum(pre, 0.0) if k < layers - 1 else pre)
                 grad = (acts[-1][:, 0] - ys[rows])[:, None] * (2.0 / len(rows))
-                grads_w: list[np.ndarray] = [grad] * layers
-                grads_b: list[np.ndarray] = [grad] * layers
                 for k in range(layers - 1, -1, -1):
-                    grads_w[k] = acts[k].T @ grad + s.l2 * weights[k]
-                    grads_b[k] = grad.sum(axis=0)
+                    np.matmul(acts[k].T, grad, out=grad_views[k])
+                    grad_views[k] += s.l2 * weights[k]
+                    grad.sum(axis=0, out=grad_views[layers + k])
                     if k:
                         grad = (grad @ weights[k].T) * (acts[k] > 0)
                 step += 1
-                for p, g, m, v in zip(params, [*grads_w, *grads_b], first, second, strict=True):  # Adam
-                    m *= 0.9
-                    m += 0.1 * g
-                    v *= 0.999
-                    v += 0.001 * g * g
-                    p -= rate * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
-        return cls(x_mean, x_std, y_mean, y_std, weights, biases)
+                first *= 0.9  # Adam
+                first += 0.1 * grads
+                second *= 0.999
+                second += 0.001 * grads * grads
+                params -= rate * (first / (1 - 0.9**step)) / (np.sqrt(second / (1 - 0.999**step)) + 1e-8)
+        return cls(x_mean, x_std, y_mean, y_std, [w.copy() for w in weights], [b.copy() for b in biases])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         act = (x - self.x_mean) / self.x_std
