@@ -52,7 +52,7 @@ class RulSettings:
     members: int = 5  # networks averaged
     epochs: int = 70
     learning_rate: float = 3e-3
-    l2: float = 1e-4
+    l2: float = 1e-3
     batch: int = 256
     seed: int = 0
     interval: float = 0.95
