@@ -53,7 +53,9 @@ def test_degrading_flagged_with_a_crossing_near_the_truth(cross_in_hours: float,
     a = assess_series(make_series("degrading", seed=seed, cross_in_hours=cross_in_hours), SPEC)
     assert a.flag >= Flag.DEGRADING, a
     assert a.trend_significant and a.trend_per_day > 0
-    assert a.hours_to_alarm is not None and abs(a.hours_to_alarm - cross_in_hours) <= 0.3 * cross_in_hours + 6, a
+    # The reported time is the 10 % quantile of the crossing time: early rather than late, and the
+    # further the crossing, the earlier (the trend's spread grows with the horizon).
+    assert a.hours_to_alarm is not None and 0.5 * cross_in_hours <= a.hours_to_alarm <= 1.1 * cross_in_hours + 3, a
     lower, _, upper = _band_at(a, cross_in_hours)
     assert lower <= HIGH <= upper, (lower, upper)  # the interval holds the truth at the true crossing
     assert a.risk == pytest.approx(a.p_cross * 3.0, abs=1e-5)
@@ -72,7 +74,8 @@ def test_degrading_under_a_daily_cycle_forecasts_the_trend_not_the_cycle(seed: i
     expected = LEVEL + (HIGH - LEVEL) * (hours + 120) / 180 + 4.0 * np.sin(2 * np.pi * hours / 24)
     truth = int(hours[np.argmax(expected >= HIGH)])
     assert a.flag >= Flag.DEGRADING and a.hours_to_alarm is not None
-    assert abs(a.hours_to_alarm - truth) <= 12, (a.hours_to_alarm, truth)
+    # Early rather than late: the 10 % quantile of the crossing time may be the cycle's peak before.
+    assert truth - 24 <= a.hours_to_alarm <= truth + 6, (a.hours_to_alarm, truth)
     lower, _, upper = _band_at(a, truth)
     assert lower <= HIGH <= upper and upper - lower < 0.75 * (HIGH - LEVEL)
 
@@ -89,9 +92,9 @@ def _accelerating(seed: int, cross_in_hours: float, growth: float = 2.0) -> pd.S
 def test_accelerating_rise_gets_a_growing_trend_and_a_crossing(seed: int) -> None:
     a = assess_series(_accelerating(seed, cross_in_hours=30), SPEC)
     assert a.flag >= Flag.DEGRADING and a.model == "log-holt", a
-    # A linear trend extrapolates acceleration too slowly: the log model still errs late, but
-    # within the horizon and by less than a day on a 30 h crossing.
-    assert a.hours_to_alarm is not None and 20 <= a.hours_to_alarm <= 54, a
+    # A linear trend extrapolates acceleration too slowly and the log model alone still errs late; the
+    # reported time, the early quantile of the crossing time, does not.
+    assert a.hours_to_alarm is not None and 15 <= a.hours_to_alarm <= 30, a
     assert a.forecast is not None and a.forecast["yhat"].diff().iloc[1:].is_monotonic_increasing
 
 
@@ -290,11 +293,39 @@ def test_surprise_is_the_detectors_alert_in_the_latest_window() -> None:
 
 def test_accelerating_wear_from_a_healthy_baseline_is_not_forecast_late() -> None:
     # Exponential wear rising from the healthy level (not from zero): the log scale under-states the
-    # acceleration (log-holt alone says 144 h for seed 0); the earliest plausible crossing is close.
+    # acceleration (log-holt alone says 144 h for seed 0); the reported time is no later than the truth.
     for seed in range(3):
         a = assess_series(_accelerating(seed, cross_in_hours=72, growth=2.0), SPEC)
         assert a.flag >= Flag.DEGRADING and a.hours_to_alarm is not None
-        assert a.hours_to_alarm <= 72 * 1.25, (seed, a.hours_to_alarm, a.model)
+        assert 36 <= a.hours_to_alarm <= 72, (seed, a.hours_to_alarm, a.model)
+
+
+def test_accelerating_wear_not_yet_curved_is_not_forecast_late() -> None:
+    # Earlier in the wear (120 h before the crossing), where its curvature is barely visible: the
+    # trend models extrapolate it late; the exponential rise from the healthy level that its slope and
+    # excess imply, and the early quantile of the crossing time, do not.
+    for seed in range(2):
+        a = assess_series(_accelerating(seed, cross_in_hours=120, growth=2.0), SPEC)
+        assert a.flag >= Flag.WATCH and a.hours_to_alarm is not None
+        assert 50 <= a.hours_to_alarm <= 120 * 1.1, (seed, a.hours_to_alarm, a.model)  # the target: <= 10 % late
+
+
+def test_bursts_shorter_than_a_step_are_forecast_by_their_samples() -> None:
+    from flowline.lab.sim.faults import bursts
+
+    # An intermittent fault (the simulator's bursts: an hour or two, a third of the time) at the full
+    # fault, half of it between them, rising linearly to HIGH (in a burst) 80 h after the end. Hourly
+    # means average the bursts away and cross late; each step's highest sample does not, and the band
+    # holds the burst level at the crossing.
+    healthy = make_series("healthy", seed=1)
+    hours = np.asarray((healthy.index - END) / pd.Timedelta(1, "h"))
+    u = np.clip((hours + 120.0) / 200.0, 0.0, None)
+    burst = bursts(healthy.index.as_unit("ns").asi8)
+    a = assess_series(healthy + (HIGH - LEVEL) * u * np.where(burst, 1.0, 0.5), SPEC)
+    assert a.flag >= Flag.DEGRADING and a.hours_to_alarm is not None
+    assert 40 <= a.hours_to_alarm <= 80 * 1.1, (a.hours_to_alarm, a.model)
+    lower, _, upper = _band_at(a, 80)
+    assert lower <= HIGH <= upper, (lower, upper)
 
 
 def test_onset_of_a_linear_drift_is_not_taken_for_exponential_growth() -> None:

@@ -24,11 +24,29 @@ Pipeline for one series (see `rules` for the flag rules):
    the trend points toward the limit, the earliest crossing within the horizon of the plausible
    models (ETS fits within ``plausible_factor`` of the best backtest error, a quadratic over the
    trend window, an exponential rise from a healthy baseline when the curvature is clear and two
-   straight lines do not explain it) and of the ``upper_quantile`` trend of the values: a late
-   forecast is the unsafe error;
+   straight lines do not explain it) and of the ``upper_quantile`` trend of the values: the
+   *central* time to alarm, which the flag rules use;
    probability of crossing within the horizon (worst step of the forecast distribution, a lower
    bound of the path probability), trend per day and its significance, anomaly score of the latest
    one-step residuals; then health score, flag and risk.
+5. The reported ``hours_to_alarm`` errs early, never late (a late forecast is the unsafe error:
+   wear accelerates, and its curvature is not visible when it is first flagged). When the trend
+   points toward the limit it is the earliest of the central time and of:
+
+   - the ``tta_quantile`` (10 %) quantile of the crossing time of the expected level: the chosen
+     model's path with its trend ``z`` standard deviations faster (the trend's share of the forecast
+     spread, after the one-step noise and the level's random walk; widened with the rest of the
+     spread by the backtest errors, where a misspecified trend shape shows);
+   - exponential growth from the healthy level (the lowest daily median), at the rate that each
+     plausible path's current slope and excess over that level imply (``ln(d/e) e / s``: distance
+     ``d`` to the limit, excess ``e``, slope ``s``), for a rise that already had a quarter of its
+     excess a trend window ago; for any rise convex from the healthy level it is no later than the
+     truth, and it needs no visible curvature;
+   - the ``upper_quantile`` trend of each step's most extreme sample (alarms trip on samples; bursts
+     shorter than a step average away in the step means).
+
+   The forecast band holds those sample quantile lines too (a band of values cannot stop short of
+   the level they regularly reach), with the plausible paths.
 """
 
 from __future__ import annotations
@@ -129,14 +147,17 @@ def default_end(raw: pd.Series, rules: AssessmentRules) -> pd.Timestamp:
     return (last + pd.Timedelta(1, "ns")).ceil(pd.Timedelta(rules.model_step))
 
 
-def regularise(raw: pd.Series, step: str | pd.Timedelta, end: pd.Timestamp) -> pd.Series:
-    """Mean per ``step`` bin, bins ending exactly at ``end`` (so reruns give identical bins); NaN = gap."""
+def regularise(
+    raw: pd.Series, step: str | pd.Timedelta, end: pd.Timestamp, how: Literal["mean", "max", "min"] = "mean"
+) -> pd.Series:
+    """Mean (or ``how``) per ``step`` bin, bins ending exactly at ``end`` (so reruns give identical
+    bins); NaN = gap."""
     step_td = pd.Timedelta(step)
     values = pd.Series(pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float), index=_as_utc(raw.index))
     values = values[np.isfinite(values.to_numpy()) & (values.index < end)]
     if values.empty:
         return values
-    binned = values.resample(step_td, origin=end, closed="left", label="left").mean()
+    binned = values.resample(step_td, origin=end, closed="left", label="left").agg(how)
     last_bin = end - step_td
     full = pd.date_range(binned.index[0], last_bin, freq=step_td)
     return binned.reindex(full)
@@ -255,6 +276,10 @@ class _Forecast:
     sd: np.ndarray
     seasonal: np.ndarray
     log: bool = False
+    # The part of ``sd`` that is the trend's: what is left after the one-step noise and the level's
+    # random walk (zeros when unknown). How fast the plant degrades is uncertain, how far it has got is
+    # not: only this spread moves the expected level's crossing.
+    trend_sd: np.ndarray | None = None
 
     def _to_data(self, x: np.ndarray) -> np.ndarray:
         scaled: np.ndarray = np.exp(x) if self.log else x
@@ -271,6 +296,11 @@ class _Forecast:
 
     def p_beyond(self, limit: float, sign: int, n: int) -> float:
         """Worst-step probability of being beyond ``limit`` (``sign`` +1 above, -1 below)."""
+        return float(np.max(self.p_steps(limit, sign, n)))
+
+    def p_steps(self, limit: float, sign: int, n: int | None = None) -> np.ndarray:
+        """Probability of being beyond ``limit`` at each of the first ``n`` steps."""
+        n = len(self.centre) if n is None else n
         threshold = limit - self.seasonal[:n]
         if self.log:
             positive = threshold > 0
@@ -279,7 +309,7 @@ class _Forecast:
         sd = np.where(self.sd[:n] > 0, self.sd[:n], np.finfo(float).tiny)
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             p = stats.norm.sf(sign * (threshold - self.centre[:n]) / sd)
-        return float(np.max(np.nan_to_num(p, nan=0.0)))
+        return np.asarray(np.nan_to_num(p, nan=0.0), dtype=float)
 
 
 @dataclass
@@ -368,7 +398,10 @@ def _fit(
     # before it shows in the model's own intervals: widen them by the measured excess.
     sd = sd * bt.calibration(sd)
     resid = np.asarray(res.resid, dtype=np.float64)
-    chosen = _Forecast(prefix + name, centre, sd, future, log)
+    alpha = float(res.params[list(res.param_names).index("smoothing_level")])
+    level_var = sd[0] ** 2 * (1.0 + alpha**2 * np.arange(n_ext))
+    trend_sd = np.sqrt(np.maximum(sd**2 - level_var, 0.0))
+    chosen = _Forecast(prefix + name, centre, sd, future, log, trend_sd)
     # The other plausible trajectories: the ETS models and a quadratic in time over the trend window
     # (acceleration that the log scale under-states when the signal rises from a non-zero baseline).
     plausible = [
@@ -483,13 +516,26 @@ def _quadratic(adj: np.ndarray, window: int, hv: int, origins: int, n_ext: int) 
     return rmse, future_basis[:n_ext] @ last
 
 
+@dataclass
+class _QuantileLine:
+    """The ``upper_quantile`` line of the values (the lower one for a low limit) over a window."""
+
+    hours: float | None  # until it reaches the limit, within the extended horizon
+    significant: bool  # its slope is significantly toward the limit
+    end: float  # its value at the newest step
+    slope: float  # per model step
+
+    def path(self, n: int) -> np.ndarray:
+        return np.asarray(self.end + self.slope * np.arange(1, n + 1), dtype=float)
+
+
 def _upper_trend(
     adj: np.ndarray, window: int, quantile: float, limit: float, sign: int, step_h: float, max_steps: int,
     significance_p: float,
-) -> tuple[float | None, bool]:
-    """(hours until the ``quantile`` line of the last ``window`` steps reaches ``limit``, whether its
-    slope is significantly toward the limit): the level the values regularly reach (the upper line
-    for a high limit, the lower for a low one), by linear quantile regression."""
+) -> _QuantileLine | None:
+    """The level the values regularly reach (the upper line for a high limit, the lower for a low
+    one) over the last ``window`` steps, by linear quantile regression; None unless it points toward
+    ``limit``."""
     from statsmodels.regression.quantile_regression import QuantReg
 
     w = adj[-window:]
@@ -500,10 +546,54 @@ def _upper_trend(
         res = QuantReg(w, np.column_stack([np.ones(len(w)), x])).fit(q=q, max_iter=200)
     intercept, slope = float(res.params[0]), float(res.params[1])
     if sign * slope <= 0:
-        return None, False
+        return None
     significant = bool(float(res.pvalues[1]) < significance_p)
-    steps = (limit - (intercept + slope * (len(w) - 1))) / slope
-    return (float(max(steps, 0.0) * step_h) if steps <= max_steps else None), significant
+    end = intercept + slope * (len(w) - 1)
+    steps = (limit - end) / slope
+    return _QuantileLine(float(max(steps, 0.0) * step_h) if steps <= max_steps else None, significant, end, slope)
+
+
+def _trend_bound_crossing(fc: _Forecast, limit: float, sign: int, step_h: float, z: float) -> float | None:
+    """Hours until the forecast path reaches ``limit`` with its trend ``z`` of the trend's standard
+    deviations faster toward the limit: the ``q`` quantile (``z`` = its normal score) of the time the
+    expected level crosses, so it errs early. The trend's spread is widened by the backtest errors
+    with the rest of the forecast's, which is where a trend shape that is wrong (acceleration not yet
+    visible as curvature) shows; it grows with the horizon, so a near crossing moves little and a far
+    one, where unseen acceleration has time to act, moves most."""
+    if fc.trend_sd is None:
+        return None
+    path = fc._to_data(fc.centre + sign * z * fc.trend_sd)
+    hit = np.nonzero(sign * (path - limit) >= 0)[0]
+    return float((hit[0] + 1) * step_h) if len(hit) else None
+
+
+_GROWTH_PAST = 0.25
+
+
+def _healthy_level(adj: np.ndarray, sign: int, season: int) -> float:
+    """The level the series rose from: the lowest daily median (highest, toward a low limit). A
+    degradation only moves the level toward the limit, so its healthy days are the furthest from it."""
+    days = [adj[i - season : i] for i in range(len(adj), season - 1, -season)]
+    medians = np.array([float(np.median(d)) for d in days])
+    return float(np.min(medians) if sign == 1 else np.max(medians))
+
+
+def _growth_crossing(
+    fc: _Forecast, baseline: float, past: float, limit: float, sign: int, step_h: float
+) -> float | None:
+    """Hours until ``limit`` if the excess over the healthy ``baseline`` grows in proportion to itself
+    (exponential degradation from a healthy level, the usual model of wear), at the rate that the
+    forecast's current slope and excess imply: ``ln(distance / excess) / (slope / excess)``. A rise
+    that is not yet visibly curved already fixes that rate, and for any rise that is convex from the
+    healthy level (linear, accelerating) the time is no later than the truth (``ln x <= x - 1``).
+    Only for a rise that had ``_GROWTH_PAST`` of today's excess a trend window ago (``past``): at the
+    onset of a rise its slope over its small excess is the rate of a start, not of growth."""
+    path = fc._to_data(fc.centre[:2]) - fc.seasonal[:2]
+    excess, slope = sign * (path[0] - baseline), sign * (path[1] - path[0])
+    distance = sign * (limit - baseline)
+    if excess <= 0 or slope <= 0 or distance <= excess or sign * (past - baseline) < _GROWTH_PAST * excess:
+        return None
+    return float(math.log(distance / excess) * excess / slope * step_h)
 
 
 def _first_crossing(fc: _Forecast, limit: float, sign: int, step_h: float) -> float | None:
@@ -615,45 +705,76 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
     limit, p_cross, hours, sign = _crossing(spec, fc, n_h, prep.step_h, scr.slope)
     significant = scr.p_value < rules.significance_p
     mean_toward = limit is not None and significant and scr.slope * sign > 0
-    upper_hours, upper_toward = None, False
+    lines: list[_QuantileLine] = []
+    upper_toward = False
+    window = max(6, round(rules.trend_window_hours / prep.step_h))
+    adj = y - scr.profile
     if limit is not None and fc.model != "screen":
-        window = max(6, round(rules.trend_window_hours / prep.step_h))
-        adj = y - scr.profile
         # Over the trend window (as the mean's trend) and twice that: bursts can be too few in one
         # window for a significant slope. Both lines are plausible: the earlier crossing counts.
-        short_hours, _ = _upper_trend(adj, window, rules.upper_quantile, limit, sign, prep.step_h, n_ext, 1.0)
-        long_hours, upper_toward = _upper_trend(
+        short = _upper_trend(adj, window, rules.upper_quantile, limit, sign, prep.step_h, n_ext, 1.0)
+        long = _upper_trend(
             adj, 2 * window, rules.upper_quantile, limit, sign, prep.step_h, n_ext, rules.significance_p
         )
-        upper_hours = min([h for h in (short_hours, long_hours) if h is not None], default=None)
+        lines = [line for line in (short, long) if line is not None]
+        upper_toward = long is not None and long.significant
+    sample_lines: list[_QuantileLine] = []
     if limit is not None and (mean_toward or upper_toward):
+        # Alarms trip on samples, not on the step means the models see: a burst shorter than a step
+        # is averaged away in them. The same quantile lines over each step's most extreme sample
+        # (highest for a high limit) say when the samples will regularly reach the limit.
+        extreme = regularise(raw, rules.model_step, end, "max" if sign == 1 else "min").reindex(prep.index)
+        adj_extreme = extreme.interpolate(limit_area="inside").bfill().ffill().to_numpy(dtype=float) - scr.profile
+        for span in (window, 2 * window):
+            line = _upper_trend(adj_extreme, span, rules.upper_quantile, limit, sign, prep.step_h, n_ext, 1.0)
+            sample_lines += [line] if line is not None else []
+    # Toward the limit: the mean's trend, or the trend of the values that reach furthest (bursts of an
+    # intermittent fault hide the mean's trend in their noise, not the quantile's).
+    toward = sign != 0 and (mean_toward or upper_toward)
+    central = hours
+    if limit is not None and toward:
         # The safe side of the plausible trajectories: the earliest crossing of any of them, and of
         # the upper (lower) quantile trend of the values. Beyond the horizon the alternatives only
         # extrapolate their shape: they do not decide there.
         others = [_first_crossing(other, limit, sign, prep.step_h) for other in plausible] if mean_toward else []
-        known = [h for h in (*others, upper_hours) if h is not None and h <= rules.horizon_hours]
-        hours = min([h for h in (hours, *known) if h is not None], default=None)
+        known = [h for h in (*others, *(line.hours for line in lines)) if h is not None and h <= rules.horizon_hours]
+        central = min([h for h in (hours, *known) if h is not None], default=None)
+        # The reported time is a low quantile of the crossing time, not its middle: wear that is
+        # about to accelerate looks straight until it does, and only the forecast's spread (widened
+        # by the backtest errors of that misspecification) says how soon it could get there.
+        z = float(stats.norm.isf(rules.tta_quantile))
+        early = [_trend_bound_crossing(fc, limit, sign, prep.step_h, z)]
+        early += [line.hours for line in sample_lines if line.hours is not None and line.hours <= rules.horizon_hours]
+        season = max(2, round(rules.season_hours / prep.step_h))
+        if len(adj) >= window + season:  # a healthy day and the day a trend window ago to compare with
+            baseline = _healthy_level(adj, sign, season)
+            # The level a trend window ago: the median of the day centred there.
+            past = float(np.median(adj[len(adj) - window - season // 2 : len(adj) - window + season // 2]))
+            growth = [_growth_crossing(f, baseline, past, limit, sign, prep.step_h) for f in (fc, *plausible)]
+            early += [h for h in growth if h is not None and h <= rules.horizon_hours]
+        hours = min([h for h in (central, *early) if h is not None], default=None)
     beyond = limit is not None and sign * (last - limit) >= 0
     if beyond:
-        hours = 0.0
-    # Toward the limit: the mean's trend, or the trend of the values that reach furthest (bursts of an
-    # intermittent fault hide the mean's trend in their noise, not the quantile's).
-    toward = sign != 0 and (mean_toward or upper_toward)
+        hours = central = 0.0
     trend_hours = (limit - scr.level) / scr.slope * prep.step_h if mean_toward and limit is not None else None
     flag = decide_flag(
         rules,
         beyond_limit=beyond,
         p_cross=p_cross,
-        hours_to_alarm=hours,
+        hours_to_alarm=central,
         trend_toward_limit=toward,
         anomaly_score=anomaly,
         trend_hours_to_alarm=trend_hours,
     )
     lower, upper = fc.band(n_h, stats.norm.ppf(0.5 + rules.interval / 2))
-    for other in plausible:
-        # The band holds every plausible model's path too: which trend shape the plant follows is
-        # part of the uncertainty, and the one model's interval does not know about it.
-        path = other.mean(n_h)
+    paths = [other.mean(n_h) for other in plausible]
+    # The band holds every plausible model's path too: which trend shape the plant follows is part of
+    # the uncertainty, and the one model's interval does not know about it. When the values' quantile
+    # line leads toward the limit, so does its path: a band of values cannot stop short of the level
+    # they regularly reach (bursts of an intermittent fault that the hourly mean smooths away).
+    if toward:
+        paths += [line.path(n_h) + scr.future_profile[:n_h] for line in (*lines, *sample_lines)]
+    for path in paths:
         lower, upper = np.minimum(lower, path), np.maximum(upper, path)
     forecast = pd.DataFrame({"yhat": fc.mean(n_h), "lower": lower, "upper": upper}, index=future_index)
     return Assessment(

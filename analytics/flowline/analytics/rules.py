@@ -15,6 +15,11 @@ Rules, checked from the top; the first that matches sets the flag:
   (``anomaly_score >= anomaly_watch``).
 - **OK** otherwise.
 
+``hours_to_alarm`` in these rules is the central time to alarm (the earliest crossing of the plausible
+models and of the values' quantile trend, `assess`); the time reported to people errs earlier still
+(the ``tta_quantile`` quantile of the crossing time, exponential growth from the healthy level), but
+does not change the flag, so its caution adds no false flags.
+
 A significant trend is required for DEGRADING so that noise and daily cycles, however close to a
 limit, are at most WATCH; the probability alone only escalates to CRITICAL when a crossing is both
 likely and close.
@@ -66,6 +71,9 @@ class AssessmentRules(BaseModel):
     # ... and of the trend of this quantile over two trend windows (values, not the mean, trip alarms:
     # an intermittent fault reaches the limit in bursts long before its average does).
     upper_quantile: float = Field(default=0.9, gt=0.5, lt=1)
+    # The reported time to alarm is no later than this quantile of the expected level's crossing time
+    # (the forecast path with its trend at the matching normal score): it errs early.
+    tta_quantile: float = Field(default=0.1, gt=0, lt=0.5)
     screen_t: float = Field(default=2.0, ge=0)  # |t| of the trend below which a fit may be skipped
     screen_sigmas: float = Field(default=6.0, ge=0)  # ... if the limit is this many sigmas away
     significance_p: float = Field(default=0.01, gt=0, lt=1)
