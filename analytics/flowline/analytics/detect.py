@@ -242,7 +242,7 @@ def _window_max(v: np.ndarray, start: np.ndarray) -> np.ndarray:
 
 def false_alerts_per_week(surprise_level: float | np.ndarray, rows_per_hour: float | np.ndarray) -> np.ndarray:
     """The nominal false-alert rate of a tag thresholded at ``surprise_level``: p x rows per week under
-    Gaussian noise, at most one per ``realert_hours`` window in practice (an alert needs a new high).
+    Gaussian noise, at most one per episode in practice (an alert needs a new high of its episode).
     Real noise has heavier tails than Gaussian: bench/nab.py and the tests measure the real rate."""
     return np.asarray(10.0 ** -np.asarray(surprise_level, dtype=float) * np.asarray(rows_per_hour) * 168.0)
 
