@@ -166,9 +166,9 @@ def test_surprise_alerts_once_per_episode_and_rarely_on_noise() -> None:
     out = score_series(times, shifted, settings)
     assert (out["surprise"].iloc[n // 2 : n // 2 + 6] >= settings.watch_surprise).sum() >= 4
     alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
-    # Again only while the recent mean makes it a thousand times less likely each time: within the
-    # first shift_span rows, then silence for the rest of the two weeks.
-    assert alerts[0] == n // 2 and alerts[-1] < n // 2 + settings.shift_span, alerts
+    # Once: the surprise grows for a few rows while the recent mean catches up, but never to
+    # realert_factor times the episode's peak so far; then silence for the rest of the two weeks.
+    assert list(alerts) == [n // 2], alerts
     assert out["false_alerts_per_week"].iloc[n // 2] < 1e-6
     assert out["flag"].iloc[n // 2] == "WATCH"
 
@@ -211,3 +211,26 @@ def test_a_burst_the_tag_showed_within_days_stays_below_watch_a_new_one_alerts()
     without = score_series(times, values, replace(settings, novelty_days=0))
     assert without["alert"].iloc[again] > 25  # without novelty, each repeat looks as new as the first
     assert without["alert"].iloc[larger] > 25
+
+
+def test_one_alert_per_episode_and_a_separate_event_within_the_day_still_alerts() -> None:
+    rng = np.random.default_rng(11)
+    n = 6 * 144  # six days of 10-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC")
+    values = rng.normal(10.0, 1.0, n)
+    spike, aftershock, dip = 4 * 144, 4 * 144 + 2, 4 * 144 + 36  # the dip comes 6 h after the spike
+    values[spike] += 22.0
+    values[aftershock] += 25.0  # 20 minutes later, a thousand times less likely still: the same episode
+    values[dip] -= 28.0  # a separate event, less surprising than the aftershock
+    settings = DetectorSettings(season_hours=0)
+    out = score_series(times, values, settings)
+    surprise = out["surprise"].to_numpy()
+    assert surprise[aftershock] > surprise[spike] + settings.realert_margin, surprise[[spike, aftershock]]
+    other_episode_bar = surprise[aftershock] / settings.realert_factor + settings.realert_margin
+    assert surprise[aftershock] > surprise[dip] > other_episode_bar
+    alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
+    assert list(alerts) == [spike, dip], alerts
+    assert out["flag"].iloc[dip] == "WATCH" and out["flag"].iloc[aftershock] == "OK"
+    # With one reference for the whole day (realert_factor 1) the aftershock re-alerts and the dip is lost.
+    day_max = score_series(times, values, replace(settings, realert_factor=1.0))
+    assert list(np.nonzero(day_max["alert"].to_numpy() >= settings.watch_surprise)[0]) == [spike, aftershock]

@@ -57,6 +57,8 @@ class DetectorSettings:
     shift_span: float = 8.0  # rows of the recent mean also compared with that level (0: one-step only)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
     realert_margin: float = 3.0  # ... by this much (3 = a thousand times less likely): one alert per episode
+    episode_gap_hours: float = 1.0  # an episode (rows at WATCH level) ends after this long without one
+    realert_factor: float = 3.0  # within an episode its peak counts x this, an earlier episode's / this (1: off)
     novelty_days: float = 4.0  # a deviation or pattern shown in these days stays below WATCH (0: off)
     watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
@@ -132,10 +134,13 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     row's signed deviation in octaves of the noise scale) already occurred in that time. Its surprise
     is capped one decade below ``watch_surprise``: only a new deviation in a new pattern raises WATCH.
 
-    ``alert`` is the surprise where it beats every surprise of the previous ``realert_hours`` by
-    ``realert_margin`` and 0 elsewhere: about one alert per episode (a level shift surprises for
-    many rows; an operator wants to hear about it once, and a new, a thousand times less likely one
-    still alerts).
+    ``alert`` is the surprise where it beats the reference by ``realert_margin`` and 0 elsewhere:
+    about one alert per episode (a level shift surprises for many rows; an operator wants to hear
+    about it once). The reference is the larger of ``realert_factor`` times the peak surprise of the
+    current episode (rows at WATCH level less than ``episode_gap_hours`` apart) and the peak of the
+    previous ``realert_hours`` divided by it: within an episode only a far stronger phase alerts
+    again (3 x the decades: the probability cubed), while an earlier episode of the day still raises
+    the bar for a separate event (bursts come with aftershocks) without it having to outdo that one.
     """
     level = _prior(_ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0]))
     floor = 1e-9 * (np.abs(level) + 1.0)
@@ -163,12 +168,36 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         novel &= ~_pattern_seen(octave, max(int(settings.shift_span), 1), seen_from)
         # A decade below WATCH: the surprise column still shows it, the WATCH level is not reached.
         value = np.where(novel, value, np.minimum(value, settings.watch_surprise - 1.0))
-    # Running maximum over the previous realert window, by time: a monotone deque would be O(n) too,
+    # Running maxima over the previous realert window, by time: a monotone deque would be O(n) too,
     # but a window count per row keeps it vectorised with a sparse table of maxima.
     start = np.searchsorted(t_ns, t_ns - settings.realert_hours * 3.6e12, side="left")
-    previous = _window_max(value, start)
+    episode = _episode_start(t_ns, value >= settings.watch_surprise, settings.episode_gap_hours * 3.6e12)
+    previous = np.maximum(
+        settings.realert_factor * _window_max(value, np.maximum(start, episode)),
+        _window_max(value, start) / settings.realert_factor,
+    )
     alert = np.where(value > previous + settings.realert_margin, value, 0.0)
     return value, alert
+
+
+def _episode_start(t_ns: np.ndarray, loud: np.ndarray, gap_ns: float) -> np.ndarray:
+    """Per row: the first row of the episode it continues, or the row itself when it starts one.
+
+    An episode is a run of ``loud`` rows less than ``gap_ns`` apart; a row continues it while the last
+    loud row before it is at most ``gap_ns`` earlier."""
+    n = len(t_ns)
+    rows = np.arange(n)
+    loud_rows = np.nonzero(loud)[0]
+    if len(loud_rows) == 0:
+        return rows
+    # Each loud row's episode start: itself after a gap, else the start of the one before it.
+    opens = np.diff(t_ns[loud_rows], prepend=-np.inf) > gap_ns
+    opened_at = np.maximum.accumulate(np.where(opens, loud_rows, 0))
+    last = np.searchsorted(loud_rows, rows, side="left") - 1  # the last loud row strictly before each row
+    has = last >= 0
+    last = np.maximum(last, 0)
+    continues = has & (t_ns - t_ns[loud_rows[last]] <= gap_ns)
+    return np.where(continues, opened_at[last], rows)
 
 
 def _pattern_seen(octave: np.ndarray, length: int, seen_from: np.ndarray) -> np.ndarray:
@@ -213,7 +242,7 @@ def _window_max(v: np.ndarray, start: np.ndarray) -> np.ndarray:
 
 def false_alerts_per_week(surprise_level: float | np.ndarray, rows_per_hour: float | np.ndarray) -> np.ndarray:
     """The nominal false-alert rate of a tag thresholded at ``surprise_level``: p x rows per week under
-    Gaussian noise, at most one per ``realert_hours`` window in practice (an alert needs a new high).
+    Gaussian noise, at most one per episode in practice (an alert needs a new high of its episode).
     Real noise has heavier tails than Gaussian: bench/nab.py and the tests measure the real rate."""
     return np.asarray(10.0 ** -np.asarray(surprise_level, dtype=float) * np.asarray(rows_per_hour) * 168.0)
 
