@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import pytest
 
+from flowline.historian.connection import Connection
 from flowline.lab.pki import CertFiles, CertificateAuthority
 from flowline.lab.services import InfluxDServer, ManagedProcess, MosquittoServer, TlsFiles, wait_until
 
@@ -196,3 +197,21 @@ def run_collector() -> Iterator[Callable[[FlowlineConfig], MqttCollector]]:
     yield start
     for collector in started:
         collector.stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_historian_connections(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close every InfluxDB `Connection` a test opened (each holds an HTTP session), after all of
+    its other fixtures: tests build them freely, and one left to the garbage collector surfaces as
+    a ResourceWarning in whatever test runs next."""
+    opened: list[Connection] = []
+    post_init = Connection.__post_init__
+
+    def tracked(self: Connection) -> None:
+        post_init(self)
+        opened.append(self)
+
+    monkeypatch.setattr(Connection, "__post_init__", tracked)
+    yield
+    for conn in opened:
+        conn.close()
