@@ -197,14 +197,14 @@ def test_collector_killed_while_publishing_loses_nothing(tmp_path: Path, mosquit
         thread.start()
         wait_until(lambda: len(_values(telemetry(spool), "rpm")) > 200, 30, "some messages spooled")
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.communicate(timeout=10)  # reaps it and closes its pipes
         thread.join()
         proc = _collector_process(config_path)
         want = {float(i) for i in range(total)}
         wait_until(lambda: want <= set(_values(telemetry(spool), "rpm")), 60, "every message after the restart")
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        proc.communicate(timeout=20)
         pub.loop_stop()
 
 
