@@ -32,8 +32,9 @@ from flowline.historian.writer import HistorianWriter
 from flowline.inventory import load_site
 from flowline.lab.services import InfluxDServer
 from flowline.lab.sim.plant import Plant
+from flowline.lab.stack import EXAMPLE_SITE
 
-SITE_FILE = Path(__file__).resolve().parent.parent / "flowline" / "examples" / "north-field.yaml"
+SITE_FILE = EXAMPLE_SITE
 END = pd.Timestamp("2026-01-15T00:00:00Z")
 DAYS = 90
 ASSET = "P-102"

@@ -21,8 +21,9 @@ from _common import print_figures
 from flowline.inventory import load_site
 from flowline.lab.sim.backfill import backfill, backfill_times
 from flowline.lab.sim.plant import Plant
+from flowline.lab.stack import EXAMPLE_SITE
 
-SITE_FILE = Path(__file__).resolve().parent.parent / "lab" / "flowline" / "lab" / "examples" / "north-field.yaml"
+SITE_FILE = EXAMPLE_SITE
 EPOCH_NS = 1_768_435_200 * 10**9  # 2026-01-15T00:00:00Z
 
 
