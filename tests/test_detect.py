@@ -234,3 +234,23 @@ def test_one_alert_per_episode_and_a_separate_event_within_the_day_still_alerts(
     # With one reference for the whole day (realert_factor 1) the aftershock re-alerts and the dip is lost.
     day_max = score_series(times, values, replace(settings, realert_factor=1.0))
     assert list(np.nonzero(day_max["alert"].to_numpy() >= settings.watch_surprise)[0]) == [spike, aftershock]
+
+
+def test_an_oscillation_starting_at_the_same_level_alerts_by_its_count_of_large_steps() -> None:
+    rng = np.random.default_rng(2)
+    n = 2 * 7 * 288  # two weeks of 5-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="5min", tz="UTC")
+    values = rng.normal(10.0, 1.0, n)
+    start = n // 2
+    # Up and down by 2.5 noise units every row: the level stays, no row is a 1-in-10^10 event and the
+    # 8-row mean averages the swing away, but every step is about 3.5 noise units of steps.
+    values[start:] += 2.5 * np.where(np.arange(n - start) % 2 == 0, 1.0, -1.0)
+    settings = DetectorSettings(season_hours=0)
+    without = score_series(times, values, replace(settings, burst_rows=0))
+    assert without["surprise"].iloc[start : start + 288].max() < settings.watch_surprise
+    out = score_series(times, values, settings)
+    alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
+    # Stationary noise before it: no alert; then one within 2 hours (a handful of large steps among 48).
+    assert len(alerts) >= 1 and start <= alerts[0] <= start + 24, alerts
+    assert out["flag"].iloc[alerts[0]] == "WATCH"
+    assert list(alerts) == [alerts[0]], alerts  # one alert for the whole new regime

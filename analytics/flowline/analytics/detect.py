@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
 from scipy.special import erf, log_ndtr
+from scipy.stats import binom
 
 from flowline.analytics.rules import Flag
 
@@ -60,6 +61,10 @@ class DetectorSettings:
     episode_gap_hours: float = 1.0  # an episode (rows at WATCH level) ends after this long without one
     realert_factor: float = 3.0  # within an episode its peak counts x this, an earlier episode's / this (1: off)
     novelty_days: float = 4.0  # a deviation or pattern shown in these days stays below WATCH (0: off)
+    # A change of behaviour rather than of level (an oscillation starting, bursts of spikes): large
+    # steps counted over the last `burst_rows` rows against the tag's long-run rate of them.
+    burst_rows: int = 48  # rows counted: about 4 h of 5-minute data, a spell long enough to be a new regime (0: off)
+    burst_z: float = 3.0  # a step |x[i] - x[i-1]| counts beyond this many long-run noise units of steps
     watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
@@ -123,8 +128,11 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     e.g. a step of two noise units, which eight rows make clear). Each is divided by its own robust
     scale (mean absolute value x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows,
     known before the row), so the autocorrelation of the averaged statistic is measured, not assumed.
-    ``surprise`` = -log10 of the two-sided normal probability of the larger one, Bonferroni-corrected
-    for the two looks (+log10 2 on the probability), so 10^-surprise stays a conservative
+    A third look sees a change of behaviour rather than of level: the count of large steps among the
+    last ``burst_rows`` rows against the tag's long-run rate of them (binomial tail,
+    `_burst_surprise`): an oscillation starting or spikes coming denser, with no row or mean beyond
+    the usual. ``surprise`` = -log10 of the smallest probability (two-sided normal for the first
+    two), Bonferroni-corrected for the number of looks, so 10^-surprise stays a conservative
     false-alert probability per row under Gaussian noise.
 
     Novelty (the ideas of CAD OSE: a range learned so far, and contexts of recent quantised values):
@@ -133,6 +141,8 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     over the previous ``novelty_days``, or when the pattern of its last ``shift_span`` rows (each
     row's signed deviation in octaves of the noise scale) already occurred in that time. Its surprise
     is capped one decade below ``watch_surprise``: only a new deviation in a new pattern raises WATCH.
+    The count of large steps has its own range: it is familiar when some spell of the previous
+    ``novelty_days`` held as many, so a tag that oscillates every afternoon alerts on the first day.
 
     ``alert`` is the surprise where it beats the reference by ``realert_margin`` and 0 elsewhere:
     about one alert per episode (a level shift surprises for many rows; an operator wants to hear
@@ -148,6 +158,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     recents = [x]
     if settings.shift_span > 1:
         recents.append(_ewma(x, 2.0 / (settings.shift_span + 1.0), x[0]))
+    looks = len(recents) + (1 if settings.burst_rows > 0 else 0)
     z = np.zeros(len(x))
     octave = np.zeros(len(x), dtype=np.int64)
     novel = np.zeros(len(x), dtype=bool)
@@ -162,12 +173,20 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
             octave = (np.sign(signed) * np.floor(np.log2(np.maximum(z_look, 1.0)))).astype(np.int64)
         z = np.maximum(z, z_look)
         novel |= (signed > _window_max(signed, seen_from)) | (-signed > _window_max(-signed, seen_from))
-    value = np.maximum(-(math.log(2.0 * len(recents)) + log_ndtr(-z)) / math.log(10.0), 0.0)
+    # Each look's two-sided probability, times the number of looks (Bonferroni).
+    value = np.maximum(-(math.log(2.0 * looks) + log_ndtr(-z)) / math.log(10.0), 0.0)
     value[0] = 0.0
+    # A decade below WATCH: the surprise column still shows it, the WATCH level is not reached.
+    capped = settings.watch_surprise - 1.0
     if settings.novelty_days > 0:
         novel &= ~_pattern_seen(octave, max(int(settings.shift_span), 1), seen_from)
-        # A decade below WATCH: the surprise column still shows it, the WATCH level is not reached.
-        value = np.where(novel, value, np.minimum(value, settings.watch_surprise - 1.0))
+        value = np.where(novel, value, np.minimum(value, capped))
+    if settings.burst_rows > 0:
+        burst, count = _burst_surprise(x, settings, mad_alpha, floor)
+        burst = np.maximum(-(math.log(looks) + burst) / math.log(10.0), 0.0)
+        # Familiar when as many large steps fell in some spell of the previous novelty_days.
+        familiar = count <= _window_max(count, seen_from)
+        value = np.maximum(value, np.where(familiar, np.minimum(burst, capped), burst))
     # Running maxima over the previous realert window, by time: a monotone deque would be O(n) too,
     # but a window count per row keeps it vectorised with a sparse table of maxima.
     start = np.searchsorted(t_ns, t_ns - settings.realert_hours * 3.6e12, side="left")
@@ -178,6 +197,40 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     )
     alert = np.where(value > previous + settings.realert_margin, value, 0.0)
     return value, alert
+
+
+def _burst_surprise(
+    x: np.ndarray, settings: DetectorSettings, alpha: float, floor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(natural log of the probability, count) of the large steps among the last ``burst_rows`` rows.
+
+    A step |x[i] - x[i-1]| is large beyond ``burst_z`` times its long-run scale (mean absolute step
+    over ``surprise_memory`` rows x sqrt(pi/2)). Steps, not deviations from the level: a level shift
+    is one large step, not a spell of them, so this look sees how the tag moves, not where it is.
+    The count is tested against the tag's own long-run rate of large steps (exponentially weighted
+    over ``surprise_memory`` rows, known before the row) with a binomial tail: a spike is two large
+    steps, an oscillation starting or spikes coming denser are many. The rate starts at the Gaussian
+    one and stays within one in ``surprise_memory`` rows of 0 and 1, so a tag that never stepped far
+    does not make two large steps improbable."""
+    n = len(x)
+    step = np.abs(np.diff(x, prepend=x[0]))
+    # The mean of the steps so far, exponentially weighted (row 0 has none): not seeded from one
+    # step, which a slow memory would take thousands of rows to forget.
+    seen = np.ones(n)
+    seen[0] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_step = np.nan_to_num(_prior(_ewma(step, alpha, 0.0) / _ewma(seen, alpha, 0.0)))
+    large = (step > settings.burst_z * np.maximum(mean_step * math.sqrt(math.pi / 2), floor)).astype(float)
+    large[0] = 0.0
+    counted = np.cumsum(large)
+    rows = np.arange(n)
+    first = rows - settings.burst_rows  # the row before the counted spell
+    count = counted - np.where(first >= 0, counted[np.maximum(first, 0)], 0.0)
+    spell = np.minimum(rows + 1, settings.burst_rows)
+    gaussian = 2.0 * float(np.exp(log_ndtr(-settings.burst_z)))
+    least = 1.0 / settings.surprise_memory
+    rate = np.clip(_prior(_ewma(large, alpha, gaussian)), least, 1.0 - least)
+    return np.asarray(binom.logsf(count - 1, spell, rate)), count
 
 
 def _episode_start(t_ns: np.ndarray, loud: np.ndarray, gap_ns: float) -> np.ndarray:
