@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,6 +77,21 @@ def test_cli_scores_csv(tmp_path: Path) -> None:
     assert scored["score"].between(0, 1).all()
     assert scored["flag"].iloc[-1] in ("DEGRADING", "CRITICAL")
     assert "2016 rows scored" in result.output
+
+
+def test_cli_watch_level_is_the_users_to_choose(tmp_path: Path) -> None:
+    rows = [(f"2026-03-0{1 + m // 1440}T{m // 60 % 24:02d}:{m % 60:02d}:00Z", f"{10 + 0.1 * math.sin(m):.4f}")
+            for m in range(2000)]
+    rows[1500] = (rows[1500][0], "14.0")  # one wild reading in a calm series
+    path = _write(tmp_path / "x.csv", rows)
+    flags = {}
+    for level in ("8", "1e6"):
+        out = tmp_path / f"scored-{level}.csv"
+        result = CliRunner().invoke(main, ["detect", "--csv", str(path), "--time-col", "ts", "--value-col", "vib",
+                                           "--watch-surprise", level, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        flags[level] = pd.read_csv(out)["flag"].iloc[1500]
+    assert flags == {"8": "WATCH", "1e6": "OK"}
 
 
 def test_cli_bad_column_and_bad_time(tmp_path: Path) -> None:

@@ -53,19 +53,28 @@ class DetectorSettings:
     # Surprise (tags with or without limits): a fast level, a long-memory robust noise scale, one
     # alert per episode; see `surprise`.
     surprise_span: float = 50.0  # rows of the level the next value is compared with
-    surprise_memory: float = 3000.0  # rows of the robust noise scale (slow: a fault must not become noise)
+    surprise_memory: float = 20000.0  # rows of the robust noise scale (slow: a fault must not become noise)
     shift_span: float = 8.0  # rows of the recent mean also compared with that level (0: one-step only)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
     realert_margin: float = 3.0  # ... by this much (3 = a thousand times less likely): one alert per episode
     episode_gap_hours: float = 1.0  # an episode (rows at WATCH level) ends after this long without one
     realert_factor: float = 3.0  # within an episode its peak counts x this, an earlier episode's / this (1: off)
     novelty_days: float = 4.0  # a deviation or pattern shown in these days stays below WATCH (0: off)
-    watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
+    watch_surprise: float = 8.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
 def _ewma(x: np.ndarray, alpha: float, first: float) -> np.ndarray:
     out, _ = lfilter([alpha], [1.0, alpha - 1.0], x, zi=np.array([(1.0 - alpha) * first]))
     return np.asarray(out, dtype=float)
+
+
+def _running_mean(x: np.ndarray, alpha: float) -> np.ndarray:
+    """Bias-corrected exponentially weighted mean: the plain mean of the rows so far while there are
+    fewer than about ``1 / alpha`` of them, an EWMA after that. Seeding a slow EWMA with its first
+    value instead leaves that one value half the weight for ``0.7 / alpha`` rows (two weeks of
+    10-minute data at ``surprise_memory``), and every later row is judged against it."""
+    weights = _ewma(np.ones(len(x)), alpha, 0.0)
+    return _ewma(x, alpha, 0.0) / weights
 
 
 def _slope_se_factor(alpha: float) -> float:
@@ -155,7 +164,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     for recent in recents:
         signed = recent - level
         dev = np.abs(signed)
-        mad = _prior(_ewma(dev, mad_alpha, float(dev[1]) if len(x) > 1 else 0.0))
+        mad = _prior(_running_mean(dev, mad_alpha))
         z_look = dev / np.maximum(mad * math.sqrt(math.pi / 2), floor)
         if recent is x:
             # |z| < 2 is 0, 2-4 is +-1, 4-8 is +-2, ...: coarse enough for a pattern to recur.
@@ -163,7 +172,9 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         z = np.maximum(z, z_look)
         novel |= (signed > _window_max(signed, seen_from)) | (-signed > _window_max(-signed, seen_from))
     value = np.maximum(-(math.log(2.0 * len(recents)) + log_ndtr(-z)) / math.log(10.0), 0.0)
-    value[0] = 0.0
+    # No verdict before the level and the noise scale have seen ``surprise_span`` rows: a scale
+    # estimated from a handful of deviations makes ordinary rows look like 1-in-10^10 events.
+    value[: max(1, int(settings.surprise_span))] = 0.0
     if settings.novelty_days > 0:
         novel &= ~_pattern_seen(octave, max(int(settings.shift_span), 1), seen_from)
         # A decade below WATCH: the surprise column still shows it, the WATCH level is not reached.
