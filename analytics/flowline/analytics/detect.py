@@ -74,7 +74,7 @@ def _running_mean(x: np.ndarray, alpha: float) -> np.ndarray:
     value instead leaves that one value half the weight for ``0.7 / alpha`` rows (two weeks of
     10-minute data at ``surprise_memory``), and every later row is judged against it."""
     weights = _ewma(np.ones(len(x)), alpha, 0.0)
-    return _ewma(x, alpha, 0.0) / weights
+    return np.asarray(_ewma(x, alpha, 0.0) / weights, dtype=float)
 
 
 def _slope_se_factor(alpha: float) -> float:
