@@ -54,7 +54,7 @@ class DetectorSettings:
     # Surprise (tags with or without limits): a fast level, a long-memory robust noise scale, one
     # alert per episode; see `surprise`.
     surprise_span: float = 50.0  # rows of the level the next value is compared with
-    surprise_memory: float = 3000.0  # rows of the robust noise scale (slow: a fault must not become noise)
+    surprise_memory: float = 20000.0  # rows of the robust noise scale (slow: a fault must not become noise)
     shift_span: float = 8.0  # rows of the recent mean also compared with that level (0: one-step only)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
     realert_margin: float = 3.0  # ... by this much (3 = a thousand times less likely): one alert per episode
@@ -65,12 +65,21 @@ class DetectorSettings:
     # steps counted over the last `burst_rows` rows against the tag's long-run rate of them.
     burst_rows: int = 48  # rows counted: about 4 h of 5-minute data, a spell long enough to be a new regime (0: off)
     burst_z: float = 3.0  # a step |x[i] - x[i-1]| counts beyond this many long-run noise units of steps
-    watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
+    watch_surprise: float = 8.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
 def _ewma(x: np.ndarray, alpha: float, first: float) -> np.ndarray:
     out, _ = lfilter([alpha], [1.0, alpha - 1.0], x, zi=np.array([(1.0 - alpha) * first]))
     return np.asarray(out, dtype=float)
+
+
+def _running_mean(x: np.ndarray, alpha: float) -> np.ndarray:
+    """Bias-corrected exponentially weighted mean: the plain mean of the rows so far while there are
+    fewer than about ``1 / alpha`` of them, an EWMA after that. Seeding a slow EWMA with its first
+    value instead leaves that one value half the weight for ``0.7 / alpha`` rows (two weeks of
+    10-minute data at ``surprise_memory``), and every later row is judged against it."""
+    weights = _ewma(np.ones(len(x)), alpha, 0.0)
+    return np.asarray(_ewma(x, alpha, 0.0) / weights, dtype=float)
 
 
 def _slope_se_factor(alpha: float) -> float:
@@ -166,7 +175,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     for recent in recents:
         signed = recent - level
         dev = np.abs(signed)
-        mad = _prior(_ewma(dev, mad_alpha, float(dev[1]) if len(x) > 1 else 0.0))
+        mad = _prior(_running_mean(dev, mad_alpha))
         z_look = dev / np.maximum(mad * math.sqrt(math.pi / 2), floor)
         if recent is x:
             # |z| < 2 is 0, 2-4 is +-1, 4-8 is +-2, ...: coarse enough for a pattern to recur.
@@ -175,7 +184,10 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         novel |= (signed > _window_max(signed, seen_from)) | (-signed > _window_max(-signed, seen_from))
     # Each look's two-sided probability, times the number of looks (Bonferroni).
     value = np.maximum(-(math.log(2.0 * looks) + log_ndtr(-z)) / math.log(10.0), 0.0)
-    value[0] = 0.0
+    # No verdict before the level and the noise scale have seen ``surprise_span`` rows: a scale
+    # estimated from a handful of deviations makes ordinary rows look like 1-in-10^10 events.
+    warmup = max(1, int(settings.surprise_span))
+    value[:warmup] = 0.0
     # A decade below WATCH: the surprise column still shows it, the WATCH level is not reached.
     capped = settings.watch_surprise - 1.0
     if settings.novelty_days > 0:
@@ -184,6 +196,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     if settings.burst_rows > 0:
         burst, count = _burst_surprise(x, settings, mad_alpha, floor)
         burst = np.maximum(-(math.log(looks) + burst) / math.log(10.0), 0.0)
+        burst[:warmup] = 0.0
         # Familiar when as many large steps fell in some spell of the previous novelty_days.
         familiar = count <= _window_max(count, seen_from)
         value = np.maximum(value, np.where(familiar, np.minimum(burst, capped), burst))
@@ -207,19 +220,14 @@ def _burst_surprise(
     A step |x[i] - x[i-1]| is large beyond ``burst_z`` times its long-run scale (mean absolute step
     over ``surprise_memory`` rows x sqrt(pi/2)). Steps, not deviations from the level: a level shift
     is one large step, not a spell of them, so this look sees how the tag moves, not where it is.
-    The count is tested against the tag's own long-run rate of large steps (exponentially weighted
-    over ``surprise_memory`` rows, known before the row) with a binomial tail: a spike is two large
-    steps, an oscillation starting or spikes coming denser are many. The rate starts at the Gaussian
-    one and stays within one in ``surprise_memory`` rows of 0 and 1, so a tag that never stepped far
-    does not make two large steps improbable."""
+    The count is tested against the tag's own long-run rate of large steps (`_running_mean` over
+    ``surprise_memory`` rows, known before the row) with a binomial tail: a spike is two large steps,
+    an oscillation starting or spikes coming denser are many. The rate stays within one in
+    ``surprise_memory`` rows of 0 and 1, so on a tag that never stepped far a large step is
+    improbable, not impossible."""
     n = len(x)
     step = np.abs(np.diff(x, prepend=x[0]))
-    # The mean of the steps so far, exponentially weighted (row 0 has none): not seeded from one
-    # step, which a slow memory would take thousands of rows to forget.
-    seen = np.ones(n)
-    seen[0] = 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_step = np.nan_to_num(_prior(_ewma(step, alpha, 0.0) / _ewma(seen, alpha, 0.0)))
+    mean_step = _prior(_running_mean(step, alpha))
     large = (step > settings.burst_z * np.maximum(mean_step * math.sqrt(math.pi / 2), floor)).astype(float)
     large[0] = 0.0
     counted = np.cumsum(large)
@@ -227,9 +235,8 @@ def _burst_surprise(
     first = rows - settings.burst_rows  # the row before the counted spell
     count = counted - np.where(first >= 0, counted[np.maximum(first, 0)], 0.0)
     spell = np.minimum(rows + 1, settings.burst_rows)
-    gaussian = 2.0 * float(np.exp(log_ndtr(-settings.burst_z)))
     least = 1.0 / settings.surprise_memory
-    rate = np.clip(_prior(_ewma(large, alpha, gaussian)), least, 1.0 - least)
+    rate = np.clip(_prior(_running_mean(large, alpha)), least, 1.0 - least)
     return np.asarray(binom.logsf(count - 1, spell, rate)), count
 
 
