@@ -262,12 +262,31 @@ def test_an_oscillation_starting_at_the_same_level_alerts_by_its_count_of_large_
     # the 8-row mean averages the swing away, but every step is about 3.5 noise units of steps.
     values[start:] += 2.5 * np.where(np.arange(n - start) % 2 == 0, 1.0, -1.0)
     settings = DetectorSettings(season_hours=0)
-    without = score_series(times, values, replace(settings, burst_rows=0))
-    assert without["surprise"].iloc[start : start + 288].max() < settings.watch_surprise
+    level_only = score_series(times, values, replace(settings, burst_rows=0, amplitude_span=0))
+    assert level_only["surprise"].iloc[start : start + 288].max() < settings.watch_surprise
+    for counted in (replace(settings, amplitude_span=0), settings):  # the count alone, and all looks
+        out = score_series(times, values, counted)
+        alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
+        # Stationary noise before it: no alert; then one within 2 hours (a handful of large steps
+        # among 48), and not again while the spell that raised it is still being counted.
+        assert len(alerts) >= 1 and start <= alerts[0] <= start + 24, alerts
+        assert out["flag"].iloc[alerts[0]] == "WATCH"
+        assert not ((alerts > alerts[0]) & (alerts <= alerts[0] + settings.burst_rows)).any(), alerts
+
+
+def test_the_noise_amplitude_falling_at_the_same_level_alerts() -> None:
+    rng = np.random.default_rng(4)
+    n = 2 * 7 * 288  # two weeks of 5-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="5min", tz="UTC")
+    start = n // 2
+    noise = rng.normal(0.0, 1.0, n)
+    noise[start:] *= 0.25  # the same level, a quarter of the noise: no row and no mean stands out
+    values = 10.0 + noise
+    settings = DetectorSettings(season_hours=0)
+    without = score_series(times, values, replace(settings, amplitude_span=0))
+    assert (without["alert"] >= settings.watch_surprise).sum() == 0
     out = score_series(times, values, settings)
     alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
-    # Stationary noise before it: no alert; then one within 2 hours (a handful of large steps among
-    # 48), and not again while the spell that raised it is still being counted.
-    assert len(alerts) >= 1 and start <= alerts[0] <= start + 24, alerts
+    # Stationary noise for a week: no alert; then one within 4 hours, as the 96-row mean step falls.
+    assert len(alerts) >= 1 and start < alerts[0] <= start + 48, alerts
     assert out["flag"].iloc[alerts[0]] == "WATCH"
-    assert not ((alerts > alerts[0]) & (alerts <= alerts[0] + settings.burst_rows)).any(), alerts

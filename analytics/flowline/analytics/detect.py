@@ -65,6 +65,9 @@ class DetectorSettings:
     # steps counted over the last `burst_rows` rows against the tag's long-run rate of them.
     burst_rows: int = 48  # rows counted: about 4 h of 5-minute data, a spell long enough to be a new regime (0: off)
     burst_z: float = 3.0  # a step |x[i] - x[i-1]| counts beyond this many long-run noise units of steps
+    # ... and the noise amplitude rising or falling: the recent mean absolute step against its long-run
+    # mean. 96 rows: about 8 h of 5-minute data, averaging steady noise to within about 8 %.
+    amplitude_span: float = 96.0  # rows of the recent mean absolute step (0: off)
     watch_surprise: float = 8.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
@@ -167,7 +170,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     recents = [x]
     if settings.shift_span > 1:
         recents.append(_ewma(x, 2.0 / (settings.shift_span + 1.0), x[0]))
-    looks = len(recents) + (1 if settings.burst_rows > 0 else 0)
+    looks = len(recents) + (1 if settings.burst_rows > 0 else 0) + (1 if settings.amplitude_span > 0 else 0)
     z = np.zeros(len(x))
     octave = np.zeros(len(x), dtype=np.int64)
     novel = np.zeros(len(x), dtype=bool)
@@ -193,13 +196,20 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     if settings.novelty_days > 0:
         novel &= ~_pattern_seen(octave, max(int(settings.shift_span), 1), seen_from)
         value = np.where(novel, value, np.minimum(value, capped))
+    step = np.abs(np.diff(x, prepend=x[0]))
+    mean_step = _prior(_running_mean(step, mad_alpha))
+    behaviour = []  # (natural log of the probability, signed statistic whose 4-day range makes it familiar)
     if settings.burst_rows > 0:
-        burst, count = _burst_surprise(x, settings, mad_alpha, floor)
-        burst = np.maximum(-(math.log(looks) + burst) / math.log(10.0), 0.0)
-        burst[:warmup] = 0.0
-        # Familiar when as many large steps fell in some spell of the previous novelty_days.
-        familiar = count <= _window_max(count, seen_from)
-        value = np.maximum(value, np.where(familiar, np.minimum(burst, capped), burst))
+        behaviour.append(_burst_surprise(step, mean_step, settings, mad_alpha, floor))
+    if settings.amplitude_span > 0:
+        behaviour.append(_amplitude_surprise(step, mean_step, settings, mad_alpha, floor, warmup))
+    for log_p, statistic in behaviour:
+        look = np.maximum(-(math.log(looks) + log_p) / math.log(10.0), 0.0)
+        look[:warmup] = 0.0
+        familiar = (statistic <= _window_max(statistic, seen_from)) & (
+            -statistic <= _window_max(-statistic, seen_from)
+        )
+        value = np.maximum(value, np.where(familiar, np.minimum(look, capped), look))
     # Running maxima over the previous realert window, by time: a monotone deque would be O(n) too,
     # but a window count per row keeps it vectorised with a sparse table of maxima.
     start = np.searchsorted(t_ns, t_ns - settings.realert_hours * 3.6e12, side="left")
@@ -213,21 +223,19 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
 
 
 def _burst_surprise(
-    x: np.ndarray, settings: DetectorSettings, alpha: float, floor: np.ndarray
+    step: np.ndarray, mean_step: np.ndarray, settings: DetectorSettings, alpha: float, floor: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """(natural log of the probability, count) of the large steps among the last ``burst_rows`` rows.
 
-    A step |x[i] - x[i-1]| is large beyond ``burst_z`` times its long-run scale (mean absolute step
-    over ``surprise_memory`` rows x sqrt(pi/2)). Steps, not deviations from the level: a level shift
-    is one large step, not a spell of them, so this look sees how the tag moves, not where it is.
-    The count is tested against the tag's own long-run rate of large steps (`_running_mean` over
-    ``surprise_memory`` rows, known before the row) with a binomial tail: a spike is two large steps,
-    an oscillation starting or spikes coming denser are many. The rate stays within one in
-    ``surprise_memory`` rows of 0 and 1, so on a tag that never stepped far a large step is
-    improbable, not impossible."""
-    n = len(x)
-    step = np.abs(np.diff(x, prepend=x[0]))
-    mean_step = _prior(_running_mean(step, alpha))
+    A step |x[i] - x[i-1]| is large beyond ``burst_z`` times its long-run scale (``mean_step``, the
+    mean absolute step over ``surprise_memory`` rows known before the row, x sqrt(pi/2)). Steps, not
+    deviations from the level: a level shift is one large step, not a spell of them, so this look
+    sees how the tag moves, not where it is. The count is tested against the tag's own long-run rate
+    of large steps (`_running_mean` over ``surprise_memory`` rows, known before the row) with a
+    binomial tail: a spike is two large steps, an oscillation starting or spikes coming denser are
+    many. The rate stays within one in ``surprise_memory`` rows of 0 and 1, so on a tag that never
+    stepped far a large step is improbable, not impossible."""
+    n = len(step)
     large = (step > settings.burst_z * np.maximum(mean_step * math.sqrt(math.pi / 2), floor)).astype(float)
     large[0] = 0.0
     counted = np.cumsum(large)
@@ -238,6 +246,34 @@ def _burst_surprise(
     least = 1.0 / settings.surprise_memory
     rate = np.clip(_prior(_running_mean(large, alpha)), least, 1.0 - least)
     return np.asarray(binom.logsf(count - 1, spell, rate)), count
+
+
+def _amplitude_surprise(
+    step: np.ndarray, mean_step: np.ndarray, settings: DetectorSettings, alpha: float, floor: np.ndarray,
+    warmup: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(natural log of the two-sided probability, z) of the noise amplitude rising or falling.
+
+    The amplitude is the mean absolute step over the last ``amplitude_span`` rows (exponentially
+    weighted, bias-corrected), compared with ``mean_step`` as the log of their ratio; that ratio is
+    scored like the other looks, in units of its own robust spread around its own long-run mean
+    (both over ``surprise_memory`` rows, known before the row). Real amplitudes wander (quiet nights,
+    busy hours), so the spread is measured rather than taken from the Gaussian: only a change larger
+    than the tag's own wander is improbable. Steps again, so a level shift barely moves it. The
+    ratio's own mean and spread start after the ``warmup`` rows (before, a mean of a few steps makes
+    ratios of e^20, which a running mean would carry for thousands of rows), and its verdict four
+    ``amplitude_span`` later."""
+    z = np.zeros(len(step))
+    # The ratio moves over about a span of rows, so its spread needs several spans of them: with
+    # one, nearly every tag alerted a row after its warm-up.
+    start = warmup + int(4 * settings.amplitude_span)
+    if len(step) > start:
+        recent = _running_mean(step, 2.0 / (settings.amplitude_span + 1.0))
+        ratio = np.log(np.maximum(recent, floor) / np.maximum(mean_step, floor))[warmup:]
+        centre = _prior(_running_mean(ratio, alpha))
+        spread = _prior(_running_mean(np.abs(ratio - centre), alpha)) * math.sqrt(math.pi / 2)
+        z[start:] = ((ratio - centre) / np.maximum(spread, 1e-12))[start - warmup :]
+    return np.asarray(math.log(2.0) + log_ndtr(-np.abs(z))), z
 
 
 def _episode_start(t_ns: np.ndarray, loud: np.ndarray, gap_ns: float) -> np.ndarray:
