@@ -287,6 +287,7 @@ def test_the_noise_amplitude_falling_at_the_same_level_alerts() -> None:
     assert (without["alert"] >= settings.watch_surprise).sum() == 0
     out = score_series(times, values, settings)
     alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
-    # Stationary noise for a week: no alert; then one within 4 hours, as the 96-row mean step falls.
-    assert len(alerts) >= 1 and start < alerts[0] <= start + 48, alerts
+    # Stationary noise for a week: no alert; then one within 8 hours, as the day-long mean step
+    # falls by more than the tag's own wander (about 5 hours here).
+    assert len(alerts) >= 1 and start < alerts[0] <= start + 96, alerts
     assert out["flag"].iloc[alerts[0]] == "WATCH"

@@ -66,8 +66,8 @@ class DetectorSettings:
     burst_rows: int = 48  # rows counted: about 4 h of 5-minute data, a spell long enough to be a new regime (0: off)
     burst_z: float = 3.0  # a step |x[i] - x[i-1]| counts beyond this many long-run noise units of steps
     # ... and the noise amplitude rising or falling: the recent mean absolute step against its long-run
-    # mean. 96 rows: about 8 h of 5-minute data, averaging steady noise to within about 8 %.
-    amplitude_span: float = 96.0  # rows of the recent mean absolute step (0: off)
+    # mean. 288 rows: a day of 5-minute data, so a quiet night or a busy hour is averaged, not a change.
+    amplitude_span: float = 288.0  # rows of the recent mean absolute step (0: off)
     watch_surprise: float = 8.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
