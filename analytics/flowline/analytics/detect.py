@@ -140,11 +140,12 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     e.g. a step of two noise units, which eight rows make clear). Each is divided by its own robust
     scale (mean absolute value x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows,
     known before the row), so the autocorrelation of the averaged statistic is measured, not assumed.
-    A third look sees a change of behaviour rather than of level: the count of large steps among the
-    last ``burst_rows`` rows against the tag's long-run rate of them (binomial tail,
-    `_burst_surprise`): an oscillation starting or spikes coming denser, with no row or mean beyond
-    the usual. ``surprise`` = -log10 of the smallest probability (two-sided normal for the first
-    two), Bonferroni-corrected for the number of looks, so 10^-surprise stays a conservative
+    Two more looks see a change of behaviour rather than of level, on the steps |x[i] - x[i-1]|: the
+    count of large steps among the last ``burst_rows`` rows against the tag's long-run rate of them
+    (binomial tail, `_burst_surprise`: an oscillation starting, spikes coming denser), and the noise
+    amplitude rising or falling (`_amplitude_surprise`), with no row or mean beyond the usual.
+    ``surprise`` = -log10 of the smallest probability (two-sided normal for the deviations and the
+    amplitude), Bonferroni-corrected for the number of looks, so 10^-surprise stays a conservative
     false-alert probability per row under Gaussian noise.
 
     Novelty (the ideas of CAD OSE: a range learned so far, and contexts of recent quantised values):
@@ -153,8 +154,9 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     over the previous ``novelty_days``, or when the pattern of its last ``shift_span`` rows (each
     row's signed deviation in octaves of the noise scale) already occurred in that time. Its surprise
     is capped one decade below ``watch_surprise``: only a new deviation in a new pattern raises WATCH.
-    The count of large steps has its own range: it is familiar when some spell of the previous
-    ``novelty_days`` held as many, so a tag that oscillates every afternoon alerts on the first day.
+    The behaviour looks have their own ranges: the count is familiar when some spell of the previous
+    ``novelty_days`` held as many large steps (a tag that oscillates every afternoon alerts on the
+    first day), the amplitude when its z stays within that time's range in both directions.
 
     ``alert`` is the surprise where it beats the reference by ``realert_margin`` and 0 elsewhere:
     about one alert per episode (a level shift surprises for many rows; an operator wants to hear
