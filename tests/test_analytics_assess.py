@@ -53,7 +53,7 @@ def test_degrading_flagged_with_a_crossing_near_the_truth(cross_in_hours: float,
     a = assess_series(make_series("degrading", seed=seed, cross_in_hours=cross_in_hours), SPEC)
     assert a.flag >= Flag.DEGRADING, a
     assert a.trend_significant and a.trend_per_day > 0
-    # The reported time is the 10 % quantile of the crossing time: early rather than late, and the
+    # The reported time is the 5 % quantile of the crossing time: early rather than late, and the
     # further the crossing, the earlier (the trend's spread grows with the horizon).
     assert a.hours_to_alarm is not None and 0.5 * cross_in_hours <= a.hours_to_alarm <= 1.1 * cross_in_hours + 3, a
     lower, _, upper = _band_at(a, cross_in_hours)
@@ -74,7 +74,7 @@ def test_degrading_under_a_daily_cycle_forecasts_the_trend_not_the_cycle(seed: i
     expected = LEVEL + (HIGH - LEVEL) * (hours + 120) / 180 + 4.0 * np.sin(2 * np.pi * hours / 24)
     truth = int(hours[np.argmax(expected >= HIGH)])
     assert a.flag >= Flag.DEGRADING and a.hours_to_alarm is not None
-    # Early rather than late: the 10 % quantile of the crossing time may be the cycle's peak before.
+    # Early rather than late: the 5 % quantile of the crossing time may be the cycle's peak before.
     assert truth - 24 <= a.hours_to_alarm <= truth + 6, (a.hours_to_alarm, truth)
     # The interval holds the true value at that hour (the cycle's rise takes it 0.4 past HIGH there).
     lower, _, upper = _band_at(a, truth)

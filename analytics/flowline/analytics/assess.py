@@ -34,7 +34,7 @@ Pipeline for one series (see `rules` for the flag rules):
    wear accelerates, and its curvature is not visible when it is first flagged). When the trend
    points toward the limit it is the earliest of the central time and of:
 
-   - the ``tta_quantile`` (10 %) quantile of the crossing time of the expected level: the chosen
+   - the ``tta_quantile`` (5 %) quantile of the crossing time of the expected level: the chosen
      model's path with its trend ``z`` standard deviations faster (the trend's share of the forecast
      spread, after the one-step noise and the level's random walk; widened with the rest of the
      spread by the backtest errors, where a misspecified trend shape shows);

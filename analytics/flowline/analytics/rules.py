@@ -74,7 +74,7 @@ class AssessmentRules(BaseModel):
     upper_quantile: float = Field(default=0.9, gt=0.5, lt=1)
     # The reported time to alarm is no later than this quantile of the expected level's crossing time
     # (the forecast path with its trend at the matching normal score): it errs early.
-    tta_quantile: float = Field(default=0.1, gt=0, lt=0.5)
+    tta_quantile: float = Field(default=0.05, gt=0, lt=0.5)
     screen_t: float = Field(default=2.0, ge=0)  # |t| of the trend below which a fit may be skipped
     screen_sigmas: float = Field(default=6.0, ge=0)  # ... if the limit is this many sigmas away
     significance_p: float = Field(default=0.01, gt=0, lt=1)
