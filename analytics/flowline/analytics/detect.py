@@ -54,6 +54,10 @@ class DetectorSettings:
     # alert per episode; see `surprise`.
     surprise_span: float = 50.0  # rows of the level the next value is compared with
     surprise_memory: float = 20000.0  # rows of the robust noise scale (slow: a fault must not become noise)
+    # A deviation feeds that scale at most this many noise units (of the scale before it; 0: no limit):
+    # one gross glitch would otherwise inflate the scale, and blind the tag, for thousands of rows.
+    # Far above any noise, so heavy-tailed tags keep their bursts in the scale (below 16 they alert more).
+    noise_clip: float = 24.0
     shift_span: float = 8.0  # rows of the recent mean also compared with that level (0: one-step only)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
     realert_margin: float = 3.0  # ... by this much (3 = a thousand times less likely): one alert per episode
@@ -131,7 +135,8 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     weighted mean of the last ``shift_span`` rows (a shift too small for any single row to stand out,
     e.g. a step of two noise units, which eight rows make clear). Each is divided by its own robust
     scale (mean absolute value x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows,
-    known before the row), so the autocorrelation of the averaged statistic is measured, not assumed.
+    known before the row), so the autocorrelation of the averaged statistic is measured, not assumed;
+    a deviation feeds that scale at most ``noise_clip`` times it, so one glitch does not blind the tag.
     ``surprise`` = -log10 of the two-sided normal probability of the larger one, Bonferroni-corrected
     for the two looks (+log10 2 on the probability), so 10^-surprise stays a conservative
     false-alert probability per row under Gaussian noise.
@@ -164,8 +169,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     for recent in recents:
         signed = recent - level
         dev = np.abs(signed)
-        mad = _prior(_running_mean(dev, mad_alpha))
-        z_look = dev / np.maximum(mad * math.sqrt(math.pi / 2), floor)
+        z_look = dev / _noise_scale(dev, mad_alpha, settings.noise_clip, floor)
         if recent is x:
             # |z| < 2 is 0, 2-4 is +-1, 4-8 is +-2, ...: coarse enough for a pattern to recur.
             octave = (np.sign(signed) * np.floor(np.log2(np.maximum(z_look, 1.0)))).astype(np.int64)
@@ -189,6 +193,20 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     )
     alert = np.where(value > previous + settings.realert_margin, value, 0.0)
     return value, alert
+
+
+def _noise_scale(dev: np.ndarray, alpha: float, clip: float, floor: np.ndarray) -> np.ndarray:
+    """Robust noise scale known before each row: exponentially weighted mean absolute deviation x
+    sqrt(pi/2), each deviation limited to ``clip`` times the plain (unlimited) scale known before it.
+
+    One pass against the plain scale rather than a recursion on the limited scale itself, so it stays
+    a vectorised filter and a tag that starts flat (scale near 0) learns its noise as fast as before.
+    """
+    def known_before(d: np.ndarray) -> np.ndarray:
+        return np.asarray(np.maximum(_prior(_running_mean(d, alpha)) * math.sqrt(math.pi / 2), floor))
+
+    scale = known_before(dev)
+    return known_before(np.minimum(dev, clip * scale)) if clip > 0 else scale
 
 
 def _episode_start(t_ns: np.ndarray, loud: np.ndarray, gap_ns: float) -> np.ndarray:
