@@ -270,3 +270,21 @@ def test_a_glitch_feeds_the_noise_scale_at_most_noise_clip_units() -> None:
     unlimited = score_series(times, values, replace(settings, noise_clip=0.0))
     assert out["surprise"].iloc[dip] > 12 > 9 > unlimited["surprise"].iloc[dip]
     assert list(np.nonzero(unlimited["alert"].to_numpy() >= settings.watch_surprise)[0]) == [glitch]
+
+
+def test_a_burst_while_the_level_forms_does_not_make_a_later_one_familiar() -> None:
+    n = 6 * 144  # six days of 10-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC")
+    settings = DetectorSettings(season_hours=0)
+    alerted = {}
+    for first in (3, 60):  # within the first surprise_span (50) rows, and after them
+        values = np.random.default_rng(9).normal(10.0, 1.0, n)
+        values[first] += 22.0
+        values[first + 432] += 21.0  # three days later, a burst of the same size
+        out = score_series(times, values, settings)
+        alerted[first] = list(np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0])
+        assert out["surprise"].iloc[first] > 50
+    # The third row deviates from a level that is still its first value: it teaches no familiarity.
+    assert alerted[3] == [3, 435], alerted
+    # Once the level has formed, the same burst is familiar for the next four days: a decade below WATCH.
+    assert alerted[60] == [60], alerted

@@ -166,6 +166,10 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     octave = np.zeros(len(x), dtype=np.int64)
     novel = np.zeros(len(x), dtype=bool)
     seen_from = np.searchsorted(t_ns, t_ns - settings.novelty_days * 86400e9, side="left")
+    # The first surprise_span rows deviate from a level still forming (the first value, then the mean
+    # of a few rows): later rows do not count them as something the tag has already shown.
+    settled = int(settings.surprise_span)
+    seen_from = np.where(np.arange(len(x)) >= settled, np.maximum(seen_from, settled), seen_from)
     for recent in recents:
         signed = recent - level
         dev = np.abs(signed)
