@@ -54,10 +54,6 @@ class DetectorSettings:
     # alert per episode; see `surprise`.
     surprise_span: float = 50.0  # rows of the level the next value is compared with
     surprise_memory: float = 20000.0  # rows of the robust noise scale (slow: a fault must not become noise)
-    # A deviation feeds that scale at most this many noise units (of the scale before it; 0: no limit):
-    # one gross glitch would otherwise inflate the scale, and blind the tag, for thousands of rows.
-    # Far above any noise, so heavy-tailed tags keep their bursts in the scale (below 16 they alert more).
-    noise_clip: float = 24.0
     shift_span: float = 8.0  # rows of the recent mean also compared with that level (0: one-step only)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
     realert_margin: float = 3.0  # ... by this much (3 = a thousand times less likely): one alert per episode
@@ -135,8 +131,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     weighted mean of the last ``shift_span`` rows (a shift too small for any single row to stand out,
     e.g. a step of two noise units, which eight rows make clear). Each is divided by its own robust
     scale (mean absolute value x sqrt(pi/2), exponentially weighted over ``surprise_memory`` rows,
-    known before the row), so the autocorrelation of the averaged statistic is measured, not assumed;
-    a deviation feeds that scale at most ``noise_clip`` times it, so one glitch does not blind the tag.
+    known before the row), so the autocorrelation of the averaged statistic is measured, not assumed.
     ``surprise`` = -log10 of the two-sided normal probability of the larger one, Bonferroni-corrected
     for the two looks (+log10 2 on the probability), so 10^-surprise stays a conservative
     false-alert probability per row under Gaussian noise.
@@ -144,9 +139,10 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     Novelty (the ideas of CAD OSE: a range learned so far, and contexts of recent quantised values):
     a row has done this before, however improbable the Gaussian model finds it (heavy tails,
     recurring bursts), when its deviations (each look, signed) stay within the range the tag showed
-    over the previous ``novelty_days``, or when the pattern of its last ``shift_span`` rows (each
-    row's signed deviation in octaves of the noise scale) already occurred in that time. Its surprise
-    is capped one decade below ``watch_surprise``: only a new deviation in a new pattern raises WATCH.
+    over the previous ``novelty_days`` (its first ``surprise_span`` rows excepted), or when the
+    pattern of its last ``shift_span`` rows (each row's signed deviation in octaves of the noise
+    scale) already occurred in that time. Its surprise is capped one decade below
+    ``watch_surprise``: only a new deviation in a new pattern raises WATCH.
 
     ``alert`` is the surprise where it beats the reference by ``realert_margin`` and 0 elsewhere:
     about one alert per episode (a level shift surprises for many rows; an operator wants to hear
@@ -167,13 +163,14 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     novel = np.zeros(len(x), dtype=bool)
     seen_from = np.searchsorted(t_ns, t_ns - settings.novelty_days * 86400e9, side="left")
     # The first surprise_span rows deviate from a level still forming (the first value, then the mean
-    # of a few rows): later rows do not count them as something the tag has already shown.
+    # of a few rows): as they get no verdict (below), later rows do not count them as already shown.
     settled = int(settings.surprise_span)
     seen_from = np.where(np.arange(len(x)) >= settled, np.maximum(seen_from, settled), seen_from)
     for recent in recents:
         signed = recent - level
         dev = np.abs(signed)
-        z_look = dev / _noise_scale(dev, mad_alpha, settings.noise_clip, floor)
+        mad = _prior(_running_mean(dev, mad_alpha))
+        z_look = dev / np.maximum(mad * math.sqrt(math.pi / 2), floor)
         if recent is x:
             # |z| < 2 is 0, 2-4 is +-1, 4-8 is +-2, ...: coarse enough for a pattern to recur.
             octave = (np.sign(signed) * np.floor(np.log2(np.maximum(z_look, 1.0)))).astype(np.int64)
@@ -197,20 +194,6 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     )
     alert = np.where(value > previous + settings.realert_margin, value, 0.0)
     return value, alert
-
-
-def _noise_scale(dev: np.ndarray, alpha: float, clip: float, floor: np.ndarray) -> np.ndarray:
-    """Robust noise scale known before each row: exponentially weighted mean absolute deviation x
-    sqrt(pi/2), each deviation limited to ``clip`` times the plain (unlimited) scale known before it.
-
-    One pass against the plain scale rather than a recursion on the limited scale itself, so it stays
-    a vectorised filter and a tag that starts flat (scale near 0) learns its noise as fast as before.
-    """
-    def known_before(d: np.ndarray) -> np.ndarray:
-        return np.asarray(np.maximum(_prior(_running_mean(d, alpha)) * math.sqrt(math.pi / 2), floor))
-
-    scale = known_before(dev)
-    return known_before(np.minimum(dev, clip * scale)) if clip > 0 else scale
 
 
 def _episode_start(t_ns: np.ndarray, loud: np.ndarray, gap_ns: float) -> np.ndarray:
