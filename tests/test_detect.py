@@ -291,3 +291,25 @@ def test_the_noise_amplitude_falling_at_the_same_level_alerts() -> None:
     # falls by more than the tag's own wander (about 5 hours here).
     assert len(alerts) >= 1 and start < alerts[0] <= start + 96, alerts
     assert out["flag"].iloc[alerts[0]] == "WATCH"
+
+
+def test_a_burst_while_the_level_forms_does_not_make_a_later_one_familiar() -> None:
+    n = 6 * 144  # six days of 10-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC")
+    settings = DetectorSettings(season_hours=0)
+    alerted, out = {}, {}
+    for first in (3, 60):  # within the first surprise_span (50) rows, and after them
+        values = np.random.default_rng(9).normal(10.0, 1.0, n)
+        values[first] += 22.0
+        values[first + 432] += 21.0  # three days later, a burst of the same size
+        out[first] = score_series(times, values, settings)
+        alerted[first] = list(np.nonzero(out[first]["alert"].to_numpy() >= settings.watch_surprise)[0])
+    # The fourth row gets no verdict (too few rows for a noise scale), and its deviation from a level
+    # that is still its first value teaches no familiarity: the burst three days later alerts.
+    assert out[3]["surprise"].iloc[3] == 0.0
+    assert alerted[3] == [435], alerted
+    assert out[3]["surprise"].iloc[435] > 50
+    # Once the level has formed, the same burst is familiar for four days: a decade below WATCH.
+    assert alerted[60] == [60], alerted
+    assert out[60]["surprise"].iloc[60] > 50
+    assert out[60]["surprise"].iloc[492] == settings.watch_surprise - 1

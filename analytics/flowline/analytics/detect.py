@@ -151,9 +151,10 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     Novelty (the ideas of CAD OSE: a range learned so far, and contexts of recent quantised values):
     a row has done this before, however improbable the Gaussian model finds it (heavy tails,
     recurring bursts), when its deviations (each look, signed) stay within the range the tag showed
-    over the previous ``novelty_days``, or when the pattern of its last ``shift_span`` rows (each
-    row's signed deviation in octaves of the noise scale) already occurred in that time. Its surprise
-    is capped one decade below ``watch_surprise``: only a new deviation in a new pattern raises WATCH.
+    over the previous ``novelty_days`` (its first ``surprise_span`` rows excepted), or when the
+    pattern of its last ``shift_span`` rows (each row's signed deviation in octaves of the noise
+    scale) already occurred in that time. Its surprise is capped one decade below
+    ``watch_surprise``: only a new deviation in a new pattern raises WATCH.
     The behaviour looks have their own ranges: the count is familiar when some spell of the previous
     ``novelty_days`` held as many large steps (a tag that oscillates every afternoon alerts on the
     first day), the amplitude when its z stays within that time's range in both directions.
@@ -177,6 +178,10 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     octave = np.zeros(len(x), dtype=np.int64)
     novel = np.zeros(len(x), dtype=bool)
     seen_from = np.searchsorted(t_ns, t_ns - settings.novelty_days * 86400e9, side="left")
+    # The first surprise_span rows deviate from a level still forming (the first value, then the mean
+    # of a few rows): as they get no verdict (below), later rows do not count them as already shown.
+    settled = int(settings.surprise_span)
+    seen_from = np.where(np.arange(len(x)) >= settled, np.maximum(seen_from, settled), seen_from)
     for recent in recents:
         signed = recent - level
         dev = np.abs(signed)
