@@ -60,6 +60,11 @@ class DetectorSettings:
     episode_gap_hours: float = 1.0  # an episode (rows at WATCH level) ends after this long without one
     realert_factor: float = 3.0  # within an episode its peak counts x this, an earlier episode's / this (1: off)
     novelty_days: float = 4.0  # a deviation or pattern shown in these days stays below WATCH (0: off)
+    # An alert needs the recent (shift_span) mean to back the row's direction: by twice this many of its
+    # noise units at once, or by this many at the next row (reported there, one row late); a row the
+    # recent mean does not follow (rows just before on the other side, a shift already reverting) is
+    # not reported. 0: off.
+    confirm_z: float = 2.0
     watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
@@ -149,6 +154,8 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     if settings.shift_span > 1:
         recents.append(_ewma(x, 2.0 / (settings.shift_span + 1.0), x[0]))
     z = np.zeros(len(x))
+    recent_z = np.zeros(len(x))  # the recent mean's signed deviation, in its own noise units
+    direction = np.zeros(len(x))  # the sign of the row's own deviation
     octave = np.zeros(len(x), dtype=np.int64)
     novel = np.zeros(len(x), dtype=bool)
     seen_from = np.searchsorted(t_ns, t_ns - settings.novelty_days * 86400e9, side="left")
@@ -160,6 +167,9 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         if recent is x:
             # |z| < 2 is 0, 2-4 is +-1, 4-8 is +-2, ...: coarse enough for a pattern to recur.
             octave = (np.sign(signed) * np.floor(np.log2(np.maximum(z_look, 1.0)))).astype(np.int64)
+            direction = np.sign(signed)
+        else:
+            recent_z = z_look * np.sign(signed)
         z = np.maximum(z, z_look)
         novel |= (signed > _window_max(signed, seen_from)) | (-signed > _window_max(-signed, seen_from))
     value = np.maximum(-(math.log(2.0 * len(recents)) + log_ndtr(-z)) / math.log(10.0), 0.0)
@@ -177,6 +187,13 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         _window_max(value, start) / settings.realert_factor,
     )
     alert = np.where(value > previous + settings.realert_margin, value, 0.0)
+    if settings.confirm_z > 0 and len(recents) > 1:
+        # In the direction of the candidate row's own deviation, at that row and at the next one.
+        # Unbacked rows still count as surprises for the episode and the day (references above).
+        now = recent_z * direction >= 2.0 * settings.confirm_z
+        late = np.zeros(len(x))
+        late[1:] = np.where(~now[:-1] & (recent_z[1:] * direction[:-1] >= settings.confirm_z), alert[:-1], 0.0)
+        alert = np.maximum(np.where(now, alert, 0.0), late)
     return value, alert
 
 
