@@ -234,3 +234,29 @@ def test_one_alert_per_episode_and_a_separate_event_within_the_day_still_alerts(
     # With one reference for the whole day (realert_factor 1) the aftershock re-alerts and the dip is lost.
     day_max = score_series(times, values, replace(settings, realert_factor=1.0))
     assert list(np.nonzero(day_max["alert"].to_numpy() >= settings.watch_surprise)[0]) == [spike, aftershock]
+
+
+def test_an_alert_needs_the_recent_mean_to_back_the_rows_direction() -> None:
+    rng = np.random.default_rng(13)
+    n = 6 * 144  # six days of 10-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC")
+    values = rng.normal(10.0, 1.0, n)
+    values[1] = values[0] + 1.0  # a typical first step: the slow noise scale starts from it
+    against, late, backed = 288, 504, 720  # 36 h apart, each larger than the one before (all new)
+    values[against - 7 : against] = 7.5  # the spike comes straight out of a dip ...
+    values[against] = 18.0
+    values[against + 1] = 9.0  # ... and the next row is back below the level: the recent mean never follows
+    values[late - 4 : late] = 6.5
+    values[late] = 20.0
+    values[late + 1] = 11.0  # the next row stays up: the recent mean follows one row later
+    values[backed] = 34.0  # out of ordinary noise: the recent mean backs it at once
+    settings = DetectorSettings(season_hours=0)
+    out = score_series(times, values, settings)
+    surprise = out["surprise"].to_numpy()
+    assert min(surprise[[against, late, backed]]) > settings.watch_surprise  # each one new and improbable
+    alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
+    assert list(alerts) == [late + 1, backed], alerts
+    assert out["alert"].iloc[late + 1] == surprise[late]  # reported one row late, with its own surprise
+    assert out["flag"].iloc[against] == "OK" and out["flag"].iloc[late + 1] == "WATCH"
+    unchecked = score_series(times, values, replace(settings, confirm_z=0))
+    assert list(np.nonzero(unchecked["alert"].to_numpy() >= settings.watch_surprise)[0]) == [against, late, backed]
