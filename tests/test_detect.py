@@ -260,3 +260,24 @@ def test_an_alert_needs_the_recent_mean_to_back_the_rows_direction() -> None:
     assert out["flag"].iloc[against] == "OK" and out["flag"].iloc[late + 1] == "WATCH"
     unchecked = score_series(times, values, replace(settings, confirm_z=0))
     assert list(np.nonzero(unchecked["alert"].to_numpy() >= settings.watch_surprise)[0]) == [against, late, backed]
+
+
+def test_within_hold_hours_of_an_alert_only_an_event_at_least_as_surprising_alerts() -> None:
+    rng = np.random.default_rng(17)
+    n = 6 * 144  # six days of 10-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC")
+    values = rng.normal(10.0, 1.0, n)
+    values[1] = values[0] + 1.0  # a typical first step: the slow noise scale starts from it
+    spike, dip, deeper = 4 * 144, 4 * 144 + 36, 4 * 144 + 84  # the dips come 6 h and 14 h after the spike
+    values[spike] += 24.0
+    values[dip] -= 20.0  # a new range downwards, but less surprising than the spike: held back
+    values[deeper] -= 40.0  # more surprising than the spike: alerts although the dip was 8 h before
+    settings = DetectorSettings(season_hours=0)
+    out = score_series(times, values, settings)
+    surprise = out["surprise"].to_numpy()
+    assert surprise[deeper] > surprise[spike] > surprise[dip] > 2 * settings.watch_surprise
+    alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
+    assert list(alerts) == [spike, deeper], alerts
+    assert out["flag"].iloc[dip] == "OK"
+    unheld = score_series(times, values, replace(settings, hold_hours=0))
+    assert list(np.nonzero(unheld["alert"].to_numpy() >= settings.watch_surprise)[0]) == [spike, dip, deeper]

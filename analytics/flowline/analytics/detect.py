@@ -65,6 +65,9 @@ class DetectorSettings:
     # recent mean does not follow (rows just before on the other side, a shift already reverting) is
     # not reported. 0: off.
     confirm_z: float = 2.0
+    # For this long after a WATCH-level alert a new one must be at least as surprising: the operator has
+    # just been told of an event this improbable (news bursts come in runs; 8 to 16 h score alike). 0: off.
+    hold_hours: float = 12.0
     watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
@@ -194,6 +197,11 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         late = np.zeros(len(x))
         late[1:] = np.where(~now[:-1] & (recent_z[1:] * direction[:-1] >= settings.confirm_z), alert[:-1], 0.0)
         alert = np.maximum(np.where(now, alert, 0.0), late)
+    if settings.hold_hours > 0:
+        # One pass, vectorised: an alert held back by this rule still counts for the ones after it.
+        raised = np.where(alert >= settings.watch_surprise, alert, 0.0)
+        held_from = np.searchsorted(t_ns, t_ns - settings.hold_hours * 3.6e12, side="left")
+        alert = np.where(alert >= _window_max(raised, held_from), alert, 0.0)
     return value, alert
 
 
