@@ -247,8 +247,8 @@ def test_an_alert_needs_the_recent_mean_to_back_the_rows_direction() -> None:
     values[against] = 18.0
     values[against + 1] = 9.0  # ... and the next row is back below the level: the recent mean never follows
     values[late - 4 : late] = 6.5
-    values[late] = 20.0
-    values[late + 1] = 11.0  # the next row stays up: the recent mean follows one row later
+    values[late] = 19.0
+    values[late + 1] = 12.0  # the next row stays up: the recent mean follows one row later
     values[backed] = 34.0  # out of ordinary noise: the recent mean backs it at once
     settings = DetectorSettings(season_hours=0)
     out = score_series(times, values, settings)

@@ -64,7 +64,7 @@ class DetectorSettings:
     # noise units at once, or by this many at the next row (reported there, one row late); a row the
     # recent mean does not follow (rows just before on the other side, a shift already reverting) is
     # not reported. 0: off.
-    confirm_z: float = 2.0
+    confirm_z: float = 1.5
     # For this long after a WATCH-level alert a new one must be at least as surprising: the operator has
     # just been told of an event this improbable (news bursts come in runs; 8 to 16 h score alike). 0: off.
     hold_hours: float = 12.0
