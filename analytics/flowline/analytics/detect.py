@@ -149,6 +149,12 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     previous ``realert_hours`` divided by it: within an episode only a far stronger phase alerts
     again (3 x the decades: the probability cubed), while an earlier episode of the day still raises
     the bar for a separate event (bursts come with aftershocks) without it having to outdo that one.
+
+    Two checks then keep alerts that the evidence does not carry: the recent mean must back the row's
+    direction (``confirm_z``: its deviation in the row's direction, in its own noise units, at least
+    twice ``confirm_z`` at that row, or ``confirm_z`` at the next row, where the alert is then shown,
+    one row late), and for ``hold_hours`` after a WATCH-level alert a new one must be at least as
+    surprising.
     """
     level = _prior(_ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0]))
     floor = 1e-9 * (np.abs(level) + 1.0)
