@@ -236,12 +236,17 @@ def test_one_alert_per_episode_and_a_separate_event_within_the_day_still_alerts(
     assert list(np.nonzero(day_max["alert"].to_numpy() >= settings.watch_surprise)[0]) == [spike, aftershock]
 
 
+def _six_days_of_noise(seed: int) -> tuple[pd.DatetimeIndex, np.ndarray]:
+    """Gaussian noise (10 +- 1) at 10-minute rows, with a typical first step: the slow noise scale
+    starts from it."""
+    n = 6 * 144
+    values = np.random.default_rng(seed).normal(10.0, 1.0, n)
+    values[1] = values[0] + 1.0
+    return pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC"), values
+
+
 def test_an_alert_needs_the_recent_mean_to_back_the_rows_direction() -> None:
-    rng = np.random.default_rng(13)
-    n = 6 * 144  # six days of 10-minute rows
-    times = pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC")
-    values = rng.normal(10.0, 1.0, n)
-    values[1] = values[0] + 1.0  # a typical first step: the slow noise scale starts from it
+    times, values = _six_days_of_noise(13)
     against, late, backed = 288, 504, 720  # 36 h apart, each larger than the one before (all new)
     values[against - 7 : against] = 7.5  # the spike comes straight out of a dip ...
     values[against] = 18.0
@@ -263,11 +268,7 @@ def test_an_alert_needs_the_recent_mean_to_back_the_rows_direction() -> None:
 
 
 def test_within_hold_hours_of_an_alert_only_an_event_at_least_as_surprising_alerts() -> None:
-    rng = np.random.default_rng(17)
-    n = 6 * 144  # six days of 10-minute rows
-    times = pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC")
-    values = rng.normal(10.0, 1.0, n)
-    values[1] = values[0] + 1.0  # a typical first step: the slow noise scale starts from it
+    times, values = _six_days_of_noise(17)
     spike, dip, deeper = 4 * 144, 4 * 144 + 36, 4 * 144 + 84  # the dips come 6 h and 14 h after the spike
     values[spike] += 24.0
     values[dip] -= 20.0  # a new range downwards, but less surprising than the spike: held back
