@@ -181,21 +181,24 @@ def test_rules_are_configurable_and_documented_order() -> None:
     assert a.flag == Flag.WATCH
     rules = AssessmentRules()
 
-    def flag(p_cross: float = 0.0, hours_to_alarm: float | None = None, anomaly_score: float = 0.0) -> Flag:
+    def flag(p_cross: float = 0.0, hours_to_alarm: float | None = None, surprise: float = 0.0) -> Flag:
         return decide_flag(
             rules,
             beyond_limit=False,
             p_cross=p_cross,
             hours_to_alarm=hours_to_alarm,
             trend_toward_limit=False,
-            anomaly_score=anomaly_score,
+            surprise=surprise,
         )
 
     assert flag() is Flag.OK
-    assert flag(anomaly_score=0.99995) is Flag.WATCH
+    assert flag(surprise=7.99) is Flag.OK
+    assert flag(surprise=8.0) is Flag.WATCH
     assert flag(p_cross=0.6) is Flag.WATCH  # no trend: not DEGRADING
     assert flag(p_cross=0.95, hours_to_alarm=10.0) is Flag.CRITICAL
-    assert health_score(rules, 0.0, 0.5, None) == 100.0
+    assert health_score(rules, 0.0, 0.0, None) == 100.0
+    assert health_score(rules, 0.0, 4.0, None) == 85.0  # half-way to WATCH costs half of 30 %
+    assert health_score(rules, 0.0, 25.0, None) == 70.0
     assert health_score(rules, 0.5, 0.0, 0.0) == 25.0
 
 
@@ -290,6 +293,10 @@ def test_surprise_is_the_detectors_alert_in_the_latest_window() -> None:
     same = score_series(spiked.index, spiked.to_numpy(), DetectorSettings())["alert"].iloc[-3]
     assert a.surprise == pytest.approx(same, abs=1e-3) and a.surprise >= DetectorSettings().watch_surprise
     assert health_point(a).fields["surprise"] == a.surprise
+    # The alert is what raises WATCH in the job, at the same level as `flowline detect`'s WATCH.
+    assert quiet.flag is Flag.OK and a.flag is Flag.WATCH and a.health_score == 70.0
+    calmer = assess_series(spiked, SPEC, AssessmentRules(watch_surprise=a.surprise + 1))
+    assert calmer.flag is Flag.OK
 
 
 def test_accelerating_wear_from_a_healthy_baseline_is_not_forecast_late() -> None:

@@ -28,7 +28,8 @@ Pipeline for one series (see `rules` for the flag rules):
    *central* time to alarm, which the flag rules use;
    probability of crossing within the horizon (worst step of the forecast distribution, a lower
    bound of the path probability), trend per day and its significance, anomaly score of the latest
-   one-step residuals; then health score, flag and risk.
+   one-step residuals, and the detector's strongest alert over the latest ``anomaly_window`` steps
+   (``surprise``, `detect.surprise`: the WATCH signal); then health score, flag and risk.
 5. The reported ``hours_to_alarm`` errs early, never late (a late forecast is the unsafe error:
    wear accelerates, and its curvature is not visible when it is first flagged). When the trend
    points toward the limit it is the earliest of the central time and of:
@@ -638,7 +639,7 @@ def _crossing(
 
 
 def _latest_surprise(raw: pd.Series, end: pd.Timestamp, rules: AssessmentRules) -> float:
-    """The strongest alert of `flowline detect`'s scorer (same code, default settings) over the rows of
+    """The strongest alert of `flowline detect`'s scorer (same code, the rules' WATCH level) over the rows of
     the last ``anomaly_window`` model steps: -log10 of a tail probability, see `detect.surprise`."""
     from flowline.analytics.detect import DetectorSettings, score_series
 
@@ -648,7 +649,8 @@ def _latest_surprise(raw: pd.Series, end: pd.Timestamp, rules: AssessmentRules) 
     if keep.sum() < 3:
         return 0.0
     times = index[keep]
-    alerts = score_series(times, values.to_numpy(dtype=float)[keep], DetectorSettings())["alert"].to_numpy()
+    settings = DetectorSettings(watch_surprise=rules.watch_surprise)
+    alerts = score_series(times, values.to_numpy(dtype=float)[keep], settings)["alert"].to_numpy()
     recent = times >= end - rules.anomaly_window * pd.Timedelta(rules.model_step)
     return round(float(alerts[recent].max(initial=0.0)), 3)
 
@@ -775,13 +777,14 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
     if beyond:
         hours = central = 0.0
     trend_hours = (limit - scr.level) / scr.slope * prep.step_h if mean_toward and limit is not None else None
+    surprise = _latest_surprise(raw, end, rules)
     flag = decide_flag(
         rules,
         beyond_limit=beyond,
         p_cross=p_cross,
         hours_to_alarm=central,
         trend_toward_limit=toward,
-        anomaly_score=anomaly,
+        surprise=surprise,
         trend_hours_to_alarm=trend_hours,
     )
     lower, upper = fc.band(n_h, stats.norm.ppf(0.5 + rules.interval / 2))
@@ -799,9 +802,9 @@ def _assess(raw: pd.Series, spec: SeriesSpec, rules: AssessmentRules, end: pd.Ti
         spec=spec,
         assessed_at=end,
         result="ok",
-        surprise=_latest_surprise(raw, end, rules),
+        surprise=surprise,
         flag=flag,
-        health_score=health_score(rules, p_cross, anomaly, hours),
+        health_score=health_score(rules, p_cross, surprise, hours),
         hours_to_alarm=hours,
         p_cross=round(p_cross, 6),
         trend_per_day=scr.slope * 24.0 / prep.step_h,

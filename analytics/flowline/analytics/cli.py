@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -188,13 +189,18 @@ def _print_pass(console: Console, report: PassReport, report_path: Path | None, 
 @click.option("--span", type=float, default=144.0, show_default=True, help="Smoothing span in rows.")
 @click.option("--horizon-hours", type=float, default=168.0, show_default=True)
 @click.option(
+    "--watch-surprise", type=float, default=None,
+    help="WATCH when the alert reaches this -log10 probability (default: the analytics job's, see "
+    "docs/anomaly.md); each +1 means about ten times fewer alerts.",
+)
+@click.option(
     "--fix-time-order", is_flag=True,
     help="Sort rows by time and keep the last row of each repeated timestamp (counted and reported); "
     "without it such an export is refused.",
 )
 def detect(
     csv_path: str, time_col: str, value_col: str, out_path: str | None, alarm_high: float | None,
-    alarm_low: float | None, span: float, horizon_hours: float, fix_time_order: bool,
+    alarm_low: float | None, span: float, horizon_hours: float, watch_surprise: float | None, fix_time_order: bool,
 ) -> None:
     """Score a CSV series row by row, causally: each row's score uses only that row and earlier ones.
 
@@ -212,6 +218,8 @@ def detect(
     from flowline.analytics.detect import DetectorSettings, score_csv
 
     settings = DetectorSettings(span=span, horizon_hours=horizon_hours, alarm_high=alarm_high, alarm_low=alarm_low)
+    if watch_surprise is not None:
+        settings = replace(settings, watch_surprise=watch_surprise)
     try:
         scored, report = score_csv(csv_path, time_col, value_col, settings, fix_time_order=fix_time_order)
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:

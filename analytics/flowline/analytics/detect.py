@@ -53,7 +53,7 @@ class DetectorSettings:
     # Surprise (tags with or without limits): a fast level, a long-memory robust noise scale, one
     # alert per episode; see `surprise`.
     surprise_span: float = 50.0  # rows of the level the next value is compared with
-    surprise_memory: float = 3000.0  # rows of the robust noise scale (slow: a fault must not become noise)
+    surprise_memory: float = 20000.0  # rows of the robust noise scale (slow: a fault must not become noise)
     shift_span: float = 8.0  # rows of the recent mean also compared with that level (0: one-step only)
     realert_hours: float = 24.0  # a surprise alerts only when it beats every surprise of this many hours
     realert_margin: float = 3.0  # ... by this much (3 = a thousand times less likely): one alert per episode
@@ -64,16 +64,22 @@ class DetectorSettings:
     # noise units at once, or by this many at the next row (reported there, one row late); a row the
     # recent mean does not follow (rows just before on the other side, a shift already reverting) is
     # not reported. 0: off.
-    confirm_z: float = 1.5
-    # For this long after a WATCH-level alert a new one must be at least as surprising: the operator has
-    # just been told of an event this improbable (news bursts come in runs; 8 to 16 h score alike). 0: off.
-    hold_hours: float = 12.0
-    watch_surprise: float = 10.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
+    confirm_z: float = 1.0
+    watch_surprise: float = 8.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
 def _ewma(x: np.ndarray, alpha: float, first: float) -> np.ndarray:
     out, _ = lfilter([alpha], [1.0, alpha - 1.0], x, zi=np.array([(1.0 - alpha) * first]))
     return np.asarray(out, dtype=float)
+
+
+def _running_mean(x: np.ndarray, alpha: float) -> np.ndarray:
+    """Bias-corrected exponentially weighted mean: the plain mean of the rows so far while there are
+    fewer than about ``1 / alpha`` of them, an EWMA after that. Seeding a slow EWMA with its first
+    value instead leaves that one value half the weight for ``0.7 / alpha`` rows (two weeks of
+    10-minute data at ``surprise_memory``), and every later row is judged against it."""
+    weights = _ewma(np.ones(len(x)), alpha, 0.0)
+    return np.asarray(_ewma(x, alpha, 0.0) / weights, dtype=float)
 
 
 def _slope_se_factor(alpha: float) -> float:
@@ -150,11 +156,10 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     again (3 x the decades: the probability cubed), while an earlier episode of the day still raises
     the bar for a separate event (bursts come with aftershocks) without it having to outdo that one.
 
-    Two checks then keep alerts that the evidence does not carry: the recent mean must back the row's
-    direction (``confirm_z``: its deviation in the row's direction, in its own noise units, at least
-    twice ``confirm_z`` at that row, or ``confirm_z`` at the next row, where the alert is then shown,
-    one row late), and for ``hold_hours`` after a WATCH-level alert a new one must be at least as
-    surprising.
+    The recent mean must then back the row's direction (``confirm_z``): its deviation in the row's
+    direction, in its own noise units, at least twice ``confirm_z`` at that row, or ``confirm_z`` at
+    the next row, where the alert is then shown, one row late. A row the recent mean does not follow
+    is not reported; it still counts as a surprise for the references above.
     """
     level = _prior(_ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0]))
     floor = 1e-9 * (np.abs(level) + 1.0)
@@ -171,7 +176,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     for recent in recents:
         signed = recent - level
         dev = np.abs(signed)
-        mad = _prior(_ewma(dev, mad_alpha, float(dev[1]) if len(x) > 1 else 0.0))
+        mad = _prior(_running_mean(dev, mad_alpha))
         z_look = dev / np.maximum(mad * math.sqrt(math.pi / 2), floor)
         if recent is x:
             # |z| < 2 is 0, 2-4 is +-1, 4-8 is +-2, ...: coarse enough for a pattern to recur.
@@ -182,7 +187,9 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         z = np.maximum(z, z_look)
         novel |= (signed > _window_max(signed, seen_from)) | (-signed > _window_max(-signed, seen_from))
     value = np.maximum(-(math.log(2.0 * len(recents)) + log_ndtr(-z)) / math.log(10.0), 0.0)
-    value[0] = 0.0
+    # No verdict before the level and the noise scale have seen ``surprise_span`` rows: a scale
+    # estimated from a handful of deviations makes ordinary rows look like 1-in-10^10 events.
+    value[: max(1, int(settings.surprise_span))] = 0.0
     if settings.novelty_days > 0:
         novel &= ~_pattern_seen(octave, max(int(settings.shift_span), 1), seen_from)
         # A decade below WATCH: the surprise column still shows it, the WATCH level is not reached.
@@ -203,11 +210,6 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         late = np.zeros(len(x))
         late[1:] = np.where(~now[:-1] & (recent_z[1:] * direction[:-1] >= settings.confirm_z), alert[:-1], 0.0)
         alert = np.maximum(np.where(now, alert, 0.0), late)
-    if settings.hold_hours > 0:
-        # One pass, vectorised: an alert held back by this rule still counts for the ones after it.
-        raised = np.where(alert >= settings.watch_surprise, alert, 0.0)
-        held_from = np.searchsorted(t_ns, t_ns - settings.hold_hours * 3.6e12, side="left")
-        alert = np.where(alert >= _window_max(raised, held_from), alert, 0.0)
     return value, alert
 
 

@@ -11,8 +11,9 @@ Rules, checked from the top; the first that matches sets the flag:
   trend of the trend window reaches the limit within the horizon (a fitted damped trend may level
   off sooner than the plant does, the recent linear trend is the early-warning check on it).
 - **WATCH**: ``p_cross >= watch_p``; or a significant trend toward the limit whose forecast mean
-  crosses within ``watch_horizons`` horizons; or the latest residuals are anomalous
-  (``anomaly_score >= anomaly_watch``).
+  crosses within ``watch_horizons`` horizons; or the detector's alert over the latest
+  ``anomaly_window`` model steps is at least ``watch_surprise`` (the same score and level as
+  `flowline detect`, calibrated to a false-alert rate: docs/anomaly.md).
 - **OK** otherwise.
 
 ``hours_to_alarm`` in these rules is the central time to alarm (the earliest crossing of the plausible
@@ -27,7 +28,7 @@ likely and close.
 Health score (0-100, higher is healthier)::
 
     100 x (1 - p_cross) x (1 - 0.3 x excess) x urgency
-    excess  = clip((anomaly_score - 0.99) / 0.01, 0, 1)   (ordinary noise costs nothing)
+    excess  = clip(surprise / watch_surprise, 0, 1)   (1 at the WATCH level; no alert costs nothing)
     urgency = 0.5 + 0.5 x min(1, hours_to_alarm / (2 x horizon))   (1 when no crossing is forecast)
 
 Risk = ``p_cross`` x the asset's consequence weight (0-3, `Consequence.weight()`).
@@ -83,8 +84,13 @@ class AssessmentRules(BaseModel):
     critical_p: float = Field(default=0.9, ge=0, le=1)
     critical_hours: float = Field(default=48, ge=0)
     watch_horizons: float = Field(default=3, ge=1)
-    anomaly_window: int = Field(default=6, ge=1)  # latest residuals (model steps) scored for anomaly
+    anomaly_window: int = Field(default=6, ge=1)  # latest model steps whose alerts count as current
+    # Residual anomaly (0-1) of the fitted model above which a quiet series is fitted in full anyway
+    # rather than screened: an unusual recent residual deserves the models, not only the screen.
     anomaly_watch: float = Field(default=0.9999, ge=0, le=1)
+    # WATCH on an alert of the detector at or above this (-log10 of a probability); bench/nab.py
+    # measures its false-alert rate on real data, docs/anomaly.md explains the default.
+    watch_surprise: float = Field(default=8.0, gt=0)
 
 
 def decide_flag(
@@ -94,7 +100,7 @@ def decide_flag(
     p_cross: float,
     hours_to_alarm: float | None,
     trend_toward_limit: bool,
-    anomaly_score: float,
+    surprise: float,
     trend_hours_to_alarm: float | None = None,
 ) -> Flag:
     """Apply the rules of the module docstring."""
@@ -109,17 +115,17 @@ def decide_flag(
     if (
         p_cross >= rules.watch_p
         or (trend_toward_limit and hours_to_alarm is not None and hours_to_alarm <= rules.watch_horizons * horizon)
-        or anomaly_score >= rules.anomaly_watch
+        or surprise >= rules.watch_surprise
     ):
         return Flag.WATCH
     return Flag.OK
 
 
-def health_score(rules: AssessmentRules, p_cross: float, anomaly_score: float, hours_to_alarm: float | None) -> float:
+def health_score(rules: AssessmentRules, p_cross: float, surprise: float, hours_to_alarm: float | None) -> float:
     urgency = 1.0
     if hours_to_alarm is not None:
         urgency = 0.5 + 0.5 * min(1.0, max(0.0, hours_to_alarm) / (2 * rules.horizon_hours))
-    excess = min(1.0, max(0.0, (anomaly_score - 0.99) / 0.01))
+    excess = min(1.0, max(0.0, surprise / rules.watch_surprise))
     return round(100.0 * (1.0 - p_cross) * (1.0 - 0.3 * excess) * urgency, 3)
 
 
