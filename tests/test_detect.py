@@ -258,10 +258,10 @@ def test_an_alert_needs_the_recent_mean_to_back_the_rows_direction() -> None:
     times = pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC")
     values = np.random.default_rng(13).normal(10.0, 1.0, n)
     against, late, backed = 288, 504, 720  # 36 h apart, each larger than the one before (all new)
-    values[against - 7 : against] = 7.0  # the spike comes straight out of a dip ...
+    values[against - 7 : against] = 6.5  # the spike comes straight out of a dip ...
     values[against] = 17.0
     values[against + 1] = 9.0  # ... and the next row is back below the level: the recent mean never follows
-    values[late - 7 : late] = 6.5
+    values[late - 7 : late] = 5.5
     values[late] = 19.5
     values[late + 1] = 11.5  # the next row stays up: the recent mean follows one row later
     values[backed] = 34.0  # out of ordinary noise: the recent mean backs it at once

@@ -60,11 +60,11 @@ class DetectorSettings:
     episode_gap_hours: float = 1.0  # an episode (rows at WATCH level) ends after this long without one
     realert_factor: float = 3.0  # within an episode its peak counts x this, an earlier episode's / this (1: off)
     novelty_days: float = 4.0  # a deviation or pattern shown in these days stays below WATCH (0: off)
-    # An alert needs the recent (shift_span) mean to back the row's direction: by twice this many of its
-    # noise units at once, or by this many at the next row (reported there, one row late); a row the
-    # recent mean does not follow (rows just before on the other side, a shift already reverting) is
-    # not reported. 0: off.
-    confirm_z: float = 1.0
+    # An alert needs the recent (shift_span) mean on the row's side of the level: by twice this many of
+    # its noise units at once, or by this many at the next row (reported there, one row late). A row
+    # the recent mean does not follow (rows just before on the other side, a shift already reverting)
+    # is not reported. What counts is the side: 0.01 to 1 score alike on NAB, 1.25 loses a window. 0: off.
+    confirm_z: float = 0.5
     watch_surprise: float = 8.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
