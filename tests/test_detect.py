@@ -313,3 +313,29 @@ def test_a_burst_while_the_level_forms_does_not_make_a_later_one_familiar() -> N
     assert alerted[60] == [60], alerted
     assert out[60]["surprise"].iloc[60] > 50
     assert out[60]["surprise"].iloc[492] == settings.watch_surprise - 1
+
+
+def test_an_alert_needs_the_recent_mean_to_back_the_rows_direction() -> None:
+    n = 6 * 144  # six days of 10-minute rows
+    times = pd.date_range("2026-01-01", periods=n, freq="10min", tz="UTC")
+    values = np.random.default_rng(13).normal(10.0, 1.0, n)
+    against, late, backed = 288, 504, 720  # 36 h apart, each larger than the one before (all new)
+    values[against - 7 : against] = 6.5  # the spike comes straight out of a dip ...
+    values[against] = 17.0
+    values[against + 1] = 9.0  # ... and the next row is back below the level: the recent mean never follows
+    values[late - 7 : late] = 5.5
+    values[late] = 19.5
+    values[late + 1] = 11.5  # the next row stays up: the recent mean follows one row later
+    values[backed] = 34.0  # out of ordinary noise: the recent mean backs it at once
+    # The deviation looks alone: the count of large steps would report each spike by itself (two
+    # steps of ten noise units), and a behaviour look's alert needs no backing.
+    settings = DetectorSettings(season_hours=0, burst_rows=0, amplitude_span=0)
+    out = score_series(times, values, settings)
+    surprise = out["surprise"].to_numpy()
+    assert min(surprise[[against, late, backed]]) > settings.watch_surprise  # each one new and improbable
+    alerts = np.nonzero(out["alert"].to_numpy() >= settings.watch_surprise)[0]
+    assert list(alerts) == [late + 1, backed], alerts
+    assert out["alert"].iloc[late + 1] == surprise[late]  # reported one row late, with its own surprise
+    assert out["flag"].iloc[against] == "OK" and out["flag"].iloc[late + 1] == "WATCH"
+    unchecked = score_series(times, values, replace(settings, confirm_z=0))
+    assert list(np.nonzero(unchecked["alert"].to_numpy() >= settings.watch_surprise)[0]) == [against, late, backed]

@@ -68,6 +68,11 @@ class DetectorSettings:
     # ... and the noise amplitude rising or falling: the recent mean absolute step against its long-run
     # mean. 288 rows: a day of 5-minute data, so a quiet night or a busy hour is averaged, not a change.
     amplitude_span: float = 288.0  # rows of the recent mean absolute step (0: off)
+    # An alert raised by the row or the recent mean needs the recent (shift_span) mean on the row's side
+    # of the level, by twice this many of its noise units at that row or by this many at the next one
+    # (then reported there, one row late): a spike straight out of a dip, which the next row cancels,
+    # is not news. 0.1 to 0.5 score alike on NAB (what counts is the side); 0: off.
+    confirm_z: float = 0.5
     watch_surprise: float = 8.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
 
 
@@ -166,6 +171,12 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     previous ``realert_hours`` divided by it: within an episode only a far stronger phase alerts
     again (3 x the decades: the probability cubed), while an earlier episode of the day still raises
     the bar for a separate event (bursts come with aftershocks) without it having to outdo that one.
+
+    An alert raised by the row or the recent mean must then be backed (``confirm_z``): the recent
+    mean on the row's side of the level at that row, or at the next row, where the alert is then shown,
+    one row late. A row the recent mean does not follow is not reported; it still counts as a
+    surprise for the references above. Alerts of the behaviour looks need no backing (a change of
+    amplitude has no side).
     """
     level = _prior(_ewma(x, 2.0 / (settings.surprise_span + 1.0), x[0]))
     floor = 1e-9 * (np.abs(level) + 1.0)
@@ -175,6 +186,8 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         recents.append(_ewma(x, 2.0 / (settings.shift_span + 1.0), x[0]))
     looks = len(recents) + (1 if settings.burst_rows > 0 else 0) + (1 if settings.amplitude_span > 0 else 0)
     z = np.zeros(len(x))
+    recent_z = np.zeros(len(x))  # the recent mean's signed deviation, in its own noise units
+    direction = np.zeros(len(x))  # the sign of the row's own deviation
     octave = np.zeros(len(x), dtype=np.int64)
     novel = np.zeros(len(x), dtype=bool)
     seen_from = np.searchsorted(t_ns, t_ns - settings.novelty_days * 86400e9, side="left")
@@ -190,6 +203,9 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         if recent is x:
             # |z| < 2 is 0, 2-4 is +-1, 4-8 is +-2, ...: coarse enough for a pattern to recur.
             octave = (np.sign(signed) * np.floor(np.log2(np.maximum(z_look, 1.0)))).astype(np.int64)
+            direction = np.sign(signed)
+        else:
+            recent_z = z_look * np.sign(signed)
         z = np.maximum(z, z_look)
         novel |= (signed > _window_max(signed, seen_from)) | (-signed > _window_max(-signed, seen_from))
     # Each look's two-sided probability, times the number of looks (Bonferroni).
@@ -203,6 +219,7 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     if settings.novelty_days > 0:
         novel &= ~_pattern_seen(octave, max(int(settings.shift_span), 1), seen_from)
         value = np.where(novel, value, np.minimum(value, capped))
+    deviation_value = value
     step = np.abs(np.diff(x, prepend=x[0]))
     mean_step = _prior(_running_mean(step, mad_alpha))
     behaviour = []  # (natural log of the probability, signed statistic whose 4-day range makes it familiar)
@@ -226,6 +243,14 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
         _window_max(value, start) / settings.realert_factor,
     )
     alert = np.where(value > previous + settings.realert_margin, value, 0.0)
+    if settings.confirm_z > 0 and len(recents) > 1:
+        # In the direction of the candidate row's own deviation, at that row and at the next one.
+        # Unbacked rows still count as surprises for the episode and the day (references above).
+        needs = deviation_value >= value  # raised by the row or the recent mean, not a behaviour look
+        now = ~needs | (recent_z * direction >= 2.0 * settings.confirm_z)
+        late = np.zeros(len(x))
+        late[1:] = np.where(~now[:-1] & (recent_z[1:] * direction[:-1] >= settings.confirm_z), alert[:-1], 0.0)
+        alert = np.maximum(np.where(now, alert, 0.0), late)
     return value, alert
 
 
