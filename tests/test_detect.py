@@ -339,3 +339,18 @@ def test_an_alert_needs_the_recent_mean_to_back_the_rows_direction() -> None:
     assert out["flag"].iloc[against] == "OK" and out["flag"].iloc[late + 1] == "WATCH"
     unchecked = score_series(times, values, replace(settings, confirm_z=0))
     assert list(np.nonzero(unchecked["alert"].to_numpy() >= settings.watch_surprise)[0]) == [against, late, backed]
+
+
+@pytest.mark.parametrize("length", [1, 3, 8, 12])
+def test_pattern_seen_matches_a_plain_search(length: int) -> None:
+    from flowline.analytics.detect import _pattern_seen
+
+    rng = np.random.default_rng(length)
+    n = 600
+    octave = rng.integers(-3, 4, n) * (rng.random(n) < 0.4)
+    octave[[50, 51]] = [40, -40]  # beyond the packed range: clipped, still equal to themselves
+    seen_from = np.maximum(np.arange(n) - rng.integers(1, 200, n), 0)
+    padded = [0] * (length - 1) + [int(o) for o in octave]
+    windows = [tuple(padded[i : i + length]) for i in range(n)]
+    expected = [any(windows[j] == windows[i] for j in range(seen_from[i], i)) for i in range(n)]
+    assert list(_pattern_seen(octave, length, seen_from)) == expected
