@@ -33,7 +33,7 @@ from scipy.signal import lfilter
 from scipy.special import erf, log_ndtr
 from scipy.stats import binom
 
-from flowline.analytics.rules import Flag
+from flowline.analytics.rules import DEFAULT_WATCH_SURPRISE, Flag
 
 FLAG_NAMES = np.array([f.name for f in Flag])
 
@@ -73,7 +73,7 @@ class DetectorSettings:
     # (then reported there, one row late): a spike straight out of a dip, which the next row cancels,
     # is not news. 0.1 to 0.5 score alike on NAB (what counts is the side); 0: off.
     confirm_z: float = 0.5
-    watch_surprise: float = 8.0  # WATCH at -log10(p) >= this; heavy-tailed real noise needs it high (bench/nab.py)
+    watch_surprise: float = DEFAULT_WATCH_SURPRISE  # WATCH at -log10(p) >= this (the job's level too)
 
 
 def _ewma(x: np.ndarray, alpha: float, first: float) -> np.ndarray:
@@ -193,8 +193,8 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     seen_from = np.searchsorted(t_ns, t_ns - settings.novelty_days * 86400e9, side="left")
     # The first surprise_span rows deviate from a level still forming (the first value, then the mean
     # of a few rows): as they get no verdict (below), later rows do not count them as already shown.
-    settled = int(settings.surprise_span)
-    seen_from = np.where(np.arange(len(x)) >= settled, np.maximum(seen_from, settled), seen_from)
+    warmup = max(1, int(settings.surprise_span))
+    seen_from = np.where(np.arange(len(x)) >= warmup, np.maximum(seen_from, warmup), seen_from)
     for recent in recents:
         signed = recent - level
         dev = np.abs(signed)
@@ -212,7 +212,6 @@ def surprise(t_ns: np.ndarray, x: np.ndarray, settings: DetectorSettings) -> tup
     value = np.maximum(-(math.log(2.0 * looks) + log_ndtr(-z)) / math.log(10.0), 0.0)
     # No verdict before the level and the noise scale have seen ``surprise_span`` rows: a scale
     # estimated from a handful of deviations makes ordinary rows look like 1-in-10^10 events.
-    warmup = max(1, int(settings.surprise_span))
     value[:warmup] = 0.0
     # A decade below WATCH: the surprise column still shows it, the WATCH level is not reached.
     capped = settings.watch_surprise - 1.0

@@ -43,6 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flowline.core.config import AnalyticsConfig
 from flowline.core.errors import ConfigError
 
+# The detector's WATCH level (-log10 of a probability), one value for `flowline detect` and the job;
+# bench/nab.py measures its false-alert rate on real data, docs/anomaly.md explains the default.
+DEFAULT_WATCH_SURPRISE = 8.0
+
 
 class Flag(IntEnum):
     OK = 0
@@ -88,9 +92,7 @@ class AssessmentRules(BaseModel):
     # Residual anomaly (0-1) of the fitted model above which a quiet series is fitted in full anyway
     # rather than screened: an unusual recent residual deserves the models, not only the screen.
     anomaly_watch: float = Field(default=0.9999, ge=0, le=1)
-    # WATCH on an alert of the detector at or above this (-log10 of a probability); bench/nab.py
-    # measures its false-alert rate on real data, docs/anomaly.md explains the default.
-    watch_surprise: float = Field(default=8.0, gt=0)
+    watch_surprise: float = Field(default=DEFAULT_WATCH_SURPRISE, gt=0)  # WATCH on the detector's alert
 
 
 def decide_flag(
